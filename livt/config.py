@@ -1,0 +1,466 @@
+"""Typed run configuration: one dataclass per stage, YAML presets, one override syntax.
+
+Precedence, lowest first: dataclass defaults < the preset (`--data NAME` reads
+`configs/<stage>/NAME.yaml`, or `--config FILE`) < `--section.key value` overrides.
+Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
+(and the file it came from) and suggesting the closest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and its source."""
+
+
+# Fields that may change between a run and its resumption without making it a different run.
+# They are left out of the config hash that names the run directory.
+VOLATILE = {
+    "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
+    "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
+    "save_every_steps", "keep_last", "max_bad_steps", "compile",
+}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    """dataset kind: synthetic | cifar10_lt | cifar100_lt | imagenet_lt | imagenet_bal | places_lt | inat18 | folder"""
+    root: str = ""
+    """image root (split-file sets, folder), or the folder holding train.npz/test.npz or torchvision's CIFAR files"""
+    split_dir: str = ""
+    """folder with the split files (default: root)"""
+    train_file: str = ""
+    """train split file (default: the dataset's standard name inside split_dir)"""
+    val_file: str = ""
+    """val split file, for model selection (default: the standard name)"""
+    test_file: str = ""
+    """test split file, what is reported (default: the standard name)"""
+    class_counts_file: str = ""
+    """'<label> <count>' per line: training class counts when the train list is not at hand"""
+    num_classes: int = 10
+    """number of classes (synthetic, folder; checked against the data for the others)"""
+    imbalance: float = 100.0
+    """imbalance factor n_max / n_min of the exponential profile (synthetic, CIFAR-LT, folder; 1 = keep all)"""
+    max_per_class: int = 500
+    """images of the largest class (synthetic)"""
+    test_per_class: int = 100
+    """test images per class (synthetic; val gets a fifth of it)"""
+    balanced: bool = False
+    """use the balanced variant of the same size (relative accuracy; CIFAR-LT and synthetic)"""
+    per_class: int = 116
+    """images per class of ImageNet-BAL"""
+    subset_seed: int = 0
+    """seed of the image subsampling (CIFAR-LT, ImageNet-BAL, folder), fixed across runs"""
+    img_size: int = 32
+    """input resolution"""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean"""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std"""
+    batch_size: int = 64
+    """micro-batch per device; accumulation fills optim.batch_size"""
+    num_workers: int = 4
+    """DataLoader worker processes"""
+    sampler: str = "instance"
+    """training sampler: instance | class_balanced | sqrt | progressive"""
+    skip_bad_images: bool = False
+    """skip unreadable images (counted and reported at the end) instead of stopping"""
+    download: bool = False
+    """allow torchvision to download CIFAR (never implicit)"""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base"
+    """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge"""
+    patch_size: int = 16
+    """patch size (ViT-H: 14; small images: 4 or 8)"""
+    drop_path_rate: float = 0.0
+    """stochastic depth rate"""
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    """fraction of patches removed per image"""
+    norm_pix_loss: bool = True
+    """regress per-patch normalised pixels"""
+    decoder_embed_dim: int = 512
+    """decoder width"""
+    decoder_depth: int = 8
+    """decoder blocks"""
+    decoder_num_heads: int = 16
+    """decoder attention heads"""
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 800
+    """training epochs"""
+    warmup_epochs: float = 40.0
+    """linear warmup epochs (per iteration)"""
+    batch_size: int = 4096
+    """effective batch = data.batch_size x processes x accumulation steps"""
+    blr: float = 1.5e-4
+    """base lr; lr = blr x effective batch / 256"""
+    min_lr: float = 0.0
+    """floor of the half-cycle cosine"""
+    weight_decay: float = 0.05
+    """AdamW weight decay (none on biases, norms, tokens)"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    layer_decay: float = 1.0
+    """layer-wise lr decay (1 = off)"""
+    clip_grad: float = 0.0
+    """gradient-norm clipping (0 = off)"""
+
+
+@dataclass
+class LossConfig:
+    name: str = "bal_bce"
+    """loss: ce | bce | bal_ce | bal_bce | focal | cb_ce | ldam_drw"""
+    tau: float = 1.0
+    """scale of the logit bias (Bal-CE, Bal-BCE)"""
+    bias: str = "eq10"
+    """Bal-BCE bias: eq10 (paper, + log(C-1)) | eq6 (official code)"""
+    test_prior_file: str = ""
+    """'<label> <count>' file of a known test prior (Theorem 3); empty = balanced test set"""
+    label_smoothing: float = 0.1
+    """label smoothing (through mixup targets)"""
+    focal_gamma: float = 2.0
+    """focal loss gamma"""
+    cb_beta: float = 0.9999
+    """class-balanced (effective number) beta"""
+
+
+@dataclass
+class AugConfig:
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec ('' = off)"""
+    mixup: float = 0.8
+    """mixup alpha (0 = off)"""
+    cutmix: float = 1.0
+    """cutmix alpha (0 = off)"""
+    switch_prob: float = 0.5
+    """probability of cutmix when both are on"""
+    reprob: float = 0.25
+    """random erasing probability (pixel mode)"""
+    color_jitter: float = 0.0
+    """colour jitter (off when RandAugment is used)"""
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by both stages."""
+
+    output_dir: str = "checkpoints"
+    """root of the run directories"""
+    run_name: str = ""
+    """run directory name (default: <stage>-<data>-<model>-<config hash>)"""
+    seed: int = 0
+    """seed of initialisation, data order and augmentation"""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"""
+    resume: str = ""
+    """'auto' = latest training state in the run directory, or a state directory"""
+    overwrite: bool = False
+    """replace a run directory that holds a different run"""
+    log_every: int = 20
+    """optimizer steps between progress lines"""
+    save_every_steps: int = 0
+    """optimizer steps between training-state saves (0 = end of every epoch only)"""
+    keep_last: int = 2
+    """training states to keep"""
+    max_bad_steps: int = 10
+    """consecutive non-finite steps before the run saves and stops"""
+    compile: bool = False
+    """torch.compile the model"""
+    debug_kill_at_step: int = 0
+    """test only: SIGKILL this process at that optimizer step, mid-accumulation"""
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    figure_every: int = 20
+    """epochs between reconstruction figures (and at the end)"""
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=100, warmup_epochs=10, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
+        layer_decay=0.75))
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    pretrained: str = ""
+    """pretraining .safetensors (encoder or full MAE) to start from"""
+    from_scratch: bool = False
+    """start from random weights (no --pretrained)"""
+    eval_only: bool = False
+    """evaluate --checkpoint and exit"""
+    checkpoint: str = ""
+    """fine-tuned .safetensors to evaluate (with --eval_only)"""
+    eval_every: int = 1
+    """epochs between validation passes"""
+
+
+STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# Field introspection
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after a field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for prev, node in zip(body, body[1:]):
+            if (isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr)
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                docs[prev.target.id] = node.value.value.strip()
+    return docs
+
+
+def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """{'optim.lr': (type, doc), ...} for every leaf field, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    out: dict[str, tuple[Any, str]] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(flat_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = (tp, docs.get(f.name, ""))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Check `value` against the field type, converting strings from the command line."""
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad()
+        args = typing.get_args(tp)
+        arg_types = [args[0]] * len(items) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
+        if len(arg_types) != len(items):
+            raise bad()
+        return tuple(coerce(key, v, t, source) for v, t in zip(items, arg_types))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise TypeError(f"unsupported config field type {tp} for '{key}'")
+
+
+def _unknown(key: str, valid: typing.Iterable[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
+    """Apply flat {'a.b': value} updates to `cfg` in place, strictly."""
+    fields = flat_fields(type(cfg))
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, fields, source)
+        _set(cfg, key, coerce(key, value, fields[key][0], source))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    return flatten(data)
+
+
+def presets(stage: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.yaml"))
+
+
+def preset_path(stage: str, name: str) -> Path:
+    path = CONFIG_DIR / stage / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--data: no preset '{name}' for {stage}; choose one of {', '.join(presets(stage))}")
+    return path
+
+
+def from_dict(stage: str, values: dict[str, Any], source: str = "dict") -> Any:
+    cfg = STAGES[stage]()
+    return update(cfg, flatten(values), source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, YAML/JSON friendly
+
+
+def config_hash(cfg: Any) -> str:
+    """Hash of what defines the run; ignores what may change on resume (`VOLATILE`)."""
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg: Any, stage: str) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    return f"{stage}-{cfg.data.dataset}-{cfg.model.name}-{config_hash(cfg)}"
+
+
+def help_text(stage: str) -> str:
+    lines = [
+        f"usage: {'pretrain_mgp.py' if stage == 'pretrain' else 'finetune_bft.py'} "
+        "[--data PRESET | --config FILE] [--key value ...]",
+        f"presets (--data): {', '.join(presets(stage))}",
+        "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys.",
+        "",
+    ]
+    cfg = STAGES[stage]()
+    current = flatten(to_dict(cfg))
+    for key, (tp, doc) in flat_fields(STAGES[stage]).items():
+        lines.append(f"  --{key:<28} {doc} [{current[key]}]")
+    return "\n".join(lines)
+
+
+def parse_args(stage: str, argv: list[str]) -> Any:
+    """Build the config of `stage` from command-line tokens (see module docstring)."""
+    fields = flat_fields(STAGES[stage])
+    preset: Path | None = None
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            print(help_text(stage))
+            raise SystemExit(0)
+        if not tok.startswith("--"):
+            raise ConfigError(f"command line: expected --key, got '{tok}'")
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in fields and fields[key][0] is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"command line: --{key} needs a value")
+            else:
+                value, i = nxt, i + 1
+        i += 1
+        if key in ("data", "config"):
+            if preset is not None:
+                raise ConfigError("command line: give one of --data PRESET or --config FILE, once")
+            preset = preset_path(stage, value) if key == "data" else Path(value)
+        elif key in fields:
+            overrides.append((key, value))
+        else:
+            raise _unknown(key, list(fields) + ["data", "config"], "command line")
+
+    cfg = STAGES[stage]()
+    if preset is None:
+        preset = preset_path(stage, "demo")
+    update(cfg, load_yaml(preset), str(preset))
+    for key, value in overrides:
+        update(cfg, {key: value}, f"--{key}")
+    return cfg
+
+
+def save(cfg: Any, path: str | Path, **extra: Any) -> None:
+    """Write the resolved config (plus derived values such as the effective lr) as YAML."""
+    d = to_dict(cfg)
+    d.update(extra)
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
+    "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
+    "update", "load_yaml", "save", "help_text", "flat_fields",
+]

@@ -1,0 +1,106 @@
+"""Class counts, shot groups and imbalance; also a command:
+
+    python -m livt.data.stats ../shared/data/splits/Places_LT/Places_LT_train.txt
+    # 62,500 images, 365 classes, max 4,980, min 5, imbalance 996.0, many/medium/few 131 / 163 / 71
+
+Accepts a split file (`relative/path label` per line) or a class-count file (`label count` per line).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from livt.data.errors import EmptyClassError, MissingDataError, SplitFormatError
+
+MANY_MIN = 101  # many-shot: more than 100 training images
+FEW_MAX = 19  # few-shot: fewer than 20
+
+
+def class_counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class, (C,) int64."""
+    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.int64)
+
+
+def shot_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Class indices of the many (>100), medium (20-100) and few (<20) shot groups."""
+    counts = np.asarray(counts)
+    return {
+        "many": np.flatnonzero(counts >= MANY_MIN),
+        "medium": np.flatnonzero((counts > FEW_MAX) & (counts < MANY_MIN)),
+        "few": np.flatnonzero(counts <= FEW_MAX),
+    }
+
+
+def check_no_empty_class(counts: np.ndarray, source: str, class_names: list[str] | None = None) -> None:
+    empty = np.flatnonzero(np.asarray(counts) == 0)
+    if len(empty):
+        names = [f"{c} ({class_names[c]})" if class_names else str(c) for c in empty[:10]]
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        raise EmptyClassError(
+            f"{source}: class {', '.join(names)}{more} has no training image; the class prior would be 0 "
+            f"(log 0 in the balanced losses). Drop the class or add images.")
+
+
+def read_class_counts(path: str | Path) -> np.ndarray:
+    """Read a `<label> <count>` file (labels 0..C-1, each once)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"class-count file not found: {path}")
+    pairs = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
+            raise SplitFormatError(f"{path}:{lineno}: expected '<label> <count>', got {line!r}")
+        label, count = int(parts[0]), int(parts[1])
+        if label < 0 or count < 0 or label in pairs:
+            raise SplitFormatError(f"{path}:{lineno}: negative or repeated label/count in {line!r}")
+        pairs[label] = count
+    if not pairs:
+        raise SplitFormatError(f"{path}: no class counts in file")
+    num_classes = max(pairs) + 1
+    missing = sorted(set(range(num_classes)) - set(pairs))
+    if missing:
+        raise SplitFormatError(f"{path}: labels {missing[:10]} missing (expected 0..{num_classes - 1})")
+    return np.array([pairs[c] for c in range(num_classes)], dtype=np.int64)
+
+
+def describe(counts: np.ndarray, name: str = "train") -> str:
+    """One line: images, classes, max, min, imbalance and shot-group sizes."""
+    counts = np.asarray(counts)
+    g = shot_groups(counts)
+    imbalance = counts.max() / max(counts.min(), 1)
+    return (f"{name}: {counts.sum():,} images, {len(counts):,} classes, max {counts.max():,}, "
+            f"min {counts.min():,}, imbalance {imbalance:.1f}, many/medium/few "
+            f"{len(g['many'])} / {len(g['medium'])} / {len(g['few'])}")
+
+
+def counts_from_file(path: str | Path) -> np.ndarray:
+    """Class counts of a split file or of a class-count file (told apart by the first column)."""
+    from livt.data.splits import read_split_file  # the split parser lives with the datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"file not found: {path}")
+    first = next((ln for ln in path.read_text().splitlines() if ln.strip()), "")
+    if first.split()[0].isdigit():
+        return read_class_counts(path)
+    _, labels = read_split_file(path)
+    return class_counts(labels, int(labels.max()) + 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    for path in argv:
+        print(describe(counts_from_file(path), Path(path).name))
+
+
+if __name__ == "__main__":
+    main()
