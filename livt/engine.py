@@ -1,0 +1,398 @@
+"""The training loop shared by both stages: run directories, resumable state, signals, logging.
+
+Accelerate owns device placement, mixed precision and distribution. Three things are explicit here
+because exact resumption depends on them:
+- gradient accumulation: an optimizer step consumes `accum` micro-batches, gradients are synchronised
+  on the last one only (`no_sync`), and training states are saved between optimizer steps only;
+- randomness: every optimizer step reseeds torch / numpy / random from (seed, step, rank), and every
+  sample's augmentation is seeded from (seed, epoch, index) (`livt.data.loading.Augmented`), so a
+  resumed run draws the same masks, mixup pairs, drop paths and augmentations as an uninterrupted one;
+- data order: the sampler is a function of (seed, epoch) and can start in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from livt import config as config_lib
+from livt.data.loading import Augmented, make_loader
+from livt.data.samplers import EvalSampler, TrainSampler
+from livt.optim import build_optimizer, lr_at, set_lr
+
+STATE_DIR = "state"
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds another run, or this run without --resume."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every training state (Accelerate's custom checkpoint object)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run set-up
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    mixed = {"auto": "bf16" if torch.cuda.is_available() else "no", "bf16": "bf16", "fp16": "fp16",
+             "fp32": "no"}
+    if precision not in mixed:
+        raise config_lib.ConfigError(f"--precision: expected one of {', '.join(mixed)}, got '{precision}'")
+    return Accelerator(mixed_precision=mixed[precision])
+
+
+def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
+    """Create (or re-enter) the run directory; refuse to mix two different runs in one."""
+    run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, stage)
+    cfg_file = run_dir / "config.yaml"
+    if accelerator.is_main_process and cfg_file.exists():
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+        new_hash = config_lib.config_hash(cfg)
+        if cfg.overwrite:
+            shutil.rmtree(run_dir)
+        elif old.get("config_hash") != new_hash:
+            old_flat = config_lib.flatten({k: v for k, v in old.items() if k in config_lib.to_dict(cfg)})
+            new_flat = config_lib.flatten(config_lib.to_dict(cfg))
+            diff = sorted(k for k in new_flat if k not in config_lib.VOLATILE and old_flat.get(k) != new_flat[k])
+            raise RunDirError(
+                f"{run_dir} holds a different run (config hash {old.get('config_hash')} vs {new_hash}; "
+                f"keys that differ: {', '.join(diff[:8]) or 'n/a'}). Pass --overwrite to replace it or "
+                f"choose another --run_name.")
+        elif not cfg.resume and stage != "eval":
+            raise RunDirError(
+                f"{run_dir} already holds this run. Pass --resume auto to continue it, or --overwrite "
+                f"to start it again from scratch.")
+    accelerator.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: Any) -> None:
+    if accelerator.is_main_process:
+        config_lib.save(cfg, run_dir / "config.yaml", config_hash=config_lib.config_hash(cfg),
+                        git_sha=git_sha(), **derived)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed every global RNG from (seed, step, rank): drop path, masking and mixup become functions
+    of the step, independent of what ran before (the key to exact resume)."""
+    s = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (pre-emption notices) ask the loop to save its state and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **row: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training states
+
+
+def state_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / STATE_DIR
+    return sorted(root.glob("step_*")) if root.is_dir() else []
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
+    """Accelerate's save_state into a temporary folder, renamed into place once complete."""
+    final = run_dir / STATE_DIR / f"step_{step:09d}"
+    tmp = run_dir / STATE_DIR / f".tmp_step_{step:09d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in state_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        found = state_dirs(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise RunDirError(f"--resume: no training state at {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Plan:
+    """The step arithmetic of a run, derived once from the config."""
+
+    micro_batch: int
+    accum: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+    @staticmethod
+    def make(optim: Any, micro_batch: int, world: int, batches_per_epoch: int) -> Plan:
+        per_step = micro_batch * world
+        if optim.batch_size % per_step:
+            raise config_lib.ConfigError(
+                f"optim.batch_size {optim.batch_size} is not a multiple of data.batch_size x processes "
+                f"= {micro_batch} x {world}; change one of them")
+        accum = optim.batch_size // per_step
+        steps_per_epoch = batches_per_epoch // accum
+        if steps_per_epoch == 0:
+            raise config_lib.ConfigError(
+                f"the training set gives {batches_per_epoch} micro-batches per process per epoch, fewer "
+                f"than one optimizer step of {accum}; lower optim.batch_size")
+        return Plan(micro_batch, accum, world, steps_per_epoch, optim.epochs * steps_per_epoch,
+                    round(optim.warmup_epochs * steps_per_epoch), optim.blr * optim.batch_size / 256)
+
+
+class Trainer:
+    """Runs optimizer steps over a dataset; the stage supplies `forward(model, batch) -> loss`."""
+
+    def __init__(self, cfg: Any, stage: str, accelerator: Accelerator, run_dir: Path, model: torch.nn.Module,
+                 train_set: Augmented, targets: np.ndarray, num_classes: int,
+                 forward: Callable[[torch.nn.Module, tuple], torch.Tensor]) -> None:
+        self.cfg, self.stage, self.acc, self.run_dir = cfg, stage, accelerator, run_dir
+        self.train_set, self.forward = train_set, forward
+        self.sampler = TrainSampler(
+            targets, num_classes, cfg.data.sampler, cfg.seed, cfg.data.batch_size,
+            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+            total_epochs=cfg.optim.epochs)
+        self.plan = Plan.make(cfg.optim, cfg.data.batch_size, accelerator.num_processes,
+                              self.sampler.batches_per_epoch)
+        torch.manual_seed(cfg.seed)
+        model.to(accelerator.device)
+        optimizer = build_optimizer(model, self.plan.lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                    cfg.optim.layer_decay)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.state = TrainState()
+        accelerator.register_for_checkpointing(self.state)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+        self.stop = StopSignal()
+        self.skipped_images = 0
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
+
+    def resume(self) -> None:
+        path = resolve_resume(self.cfg.resume, self.run_dir)
+        if path is not None:
+            self.acc.load_state(str(path))
+            self.acc.print(f"resumed from {path} at step {self.state.step}")
+
+    def save(self) -> Path:
+        return save_training_state(self.acc, self.run_dir, self.state.step, self.cfg.keep_last)
+
+    def fit(self, end_of_epoch: Callable[[int], dict[str, float]] | None = None) -> None:
+        cfg, acc, plan, state = self.cfg, self.acc, self.plan, self.state
+        self.resume()
+        images_per_step = plan.micro_batch * plan.accum * plan.world
+        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not acc.is_main_process,
+                   desc=self.stage, dynamic_ncols=True, mininterval=1.0)
+        loss_sum = torch.zeros((), device=acc.device)
+        interval_steps, t0 = 0, time.perf_counter()
+        start_epoch = state.step // plan.steps_per_epoch
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            self.sampler.set_epoch(epoch)
+            first = state.step - epoch * plan.steps_per_epoch
+            self.sampler.set_start(first * plan.accum)
+            batches = iter(make_loader(self.train_set, self.sampler, plan.micro_batch, cfg.data.num_workers))
+            self.model.train()
+            for _ in range(first, plan.steps_per_epoch):
+                lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.lr, cfg.optim.min_lr)
+                set_lr(self.optimizer, lr)
+                loss = self._step(batches, epoch)
+                loss_sum += loss
+                interval_steps += 1
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == plan.total_steps:
+                    mean_loss = (loss_sum / interval_steps).item()  # the one sync per interval
+                    dt = time.perf_counter() - t0
+                    row = dict(step=state.step, epoch=round(state.step / plan.steps_per_epoch, 3),
+                               loss=mean_loss, lr=lr, images_per_s=interval_steps * images_per_step / dt,
+                               skipped_steps=state.skipped_steps)
+                    self.log.write(**row)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                                    img_s=f"{row['images_per_s']:.0f}")
+                    loss_sum.zero_()
+                    interval_steps, t0 = 0, time.perf_counter()
+                mid_epoch = state.step % plan.steps_per_epoch != 0  # epoch ends save below
+                if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and mid_epoch:
+                    self.save()
+                if self.stop.received:
+                    path = self.save()
+                    acc.print(f"{self.stop.received}: saved the training state to {path}; exiting. "
+                              f"Run the same command with --resume auto to continue.")
+                    bar.close()
+                    raise SystemExit(0)
+            if end_of_epoch is not None:
+                row = end_of_epoch(epoch)
+                if row:
+                    self.log.write(step=state.step, epoch=epoch + 1, **row)
+            self.save()
+        bar.close()
+        if self.skipped_images:
+            acc.print(f"skipped {self.skipped_images} unreadable images (data.skip_bad_images)")
+
+    def _step(self, batches: Any, epoch: int) -> torch.Tensor:
+        """One optimizer step over `accum` micro-batches; returns the detached mean loss."""
+        acc, plan, state, cfg = self.acc, self.plan, self.state, self.cfg
+        seed_step(cfg.seed, state.step, acc.process_index)
+        total = torch.zeros((), device=acc.device)
+        for micro in range(plan.accum):
+            images, labels, _, n_skipped = next(batches)
+            self.skipped_images += n_skipped
+            batch = (images.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True))
+            sync = micro == plan.accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+                loss = self.forward(self.model, batch)
+            acc.backward(loss / plan.accum)
+            total += loss.detach().float() / plan.accum
+            if cfg.debug_kill_at_step == state.step + 1 and micro == plan.accum // 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # test switch: die mid-accumulation
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or math.inf)
+        fp16 = acc.mixed_precision == "fp16"  # the grad scaler skips inf/nan gradient steps itself
+        bad_loss = ~torch.isfinite(total)
+        bad_grad = ~torch.isfinite(torch.as_tensor(grad_norm, device=acc.device)) & (not fp16)
+        flags = torch.stack([(bad_loss | bad_grad).float(), torch.tensor(float(bool(self.stop.received)),
+                                                                          device=acc.device)])
+        flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
+        bad, stop = (flags > 0).tolist()  # one host sync per optimizer step: all ranks decide together
+        if stop and not self.stop.received:
+            self.stop.received = "peer stop"
+        if bad:
+            state.skipped_steps += 1
+            state.consecutive_bad += 1
+        else:
+            self.optimizer.step()
+            state.consecutive_bad = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if state.consecutive_bad >= cfg.max_bad_steps:
+            path = self.save()
+            raise NonFiniteError(
+                f"{state.consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(last at step {state.step}, epoch {epoch}); the training state is saved in {path}. Try a "
+                f"lower --optim.blr, --optim.clip_grad 1.0, --precision bf16 or fp32 instead of fp16, "
+                f"or check the data for broken images.")
+        return torch.where(bad_loss, torch.zeros_like(total), total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Augmented, batch_size: int,
+            num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every sample of `dataset`, each exactly once, on every process.
+
+    Each process evaluates indices rank, rank + world, ...; the results are padded to equal length,
+    gathered, and the padding dropped by its index -1, then ordered by index.
+    """
+    model.eval()
+    sampler = EvalSampler(len(dataset), accelerator.num_processes, accelerator.process_index)
+    logits, labels, indices = [], [], []
+    for images, y, idx, _ in make_loader(dataset, sampler, batch_size, num_workers):
+        with accelerator.autocast():
+            out = model(images.to(accelerator.device, non_blocking=True))
+        logits.append(out.float())
+        labels.append(y.to(accelerator.device))
+        indices.append(idx.to(accelerator.device))
+    num_classes = getattr(accelerator.unwrap_model(model), "num_classes", None)
+    logits_t = torch.cat(logits) if logits else torch.zeros(0, num_classes, device=accelerator.device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    idx_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        logits_t = accelerator.gather(accelerator.pad_across_processes(logits_t, dim=0))
+        labels_t = accelerator.gather(accelerator.pad_across_processes(labels_t, dim=0))
+        idx_t = accelerator.gather(accelerator.pad_across_processes(idx_t, dim=0, pad_index=-1))
+    keep = idx_t >= 0
+    order = torch.argsort(idx_t[keep])
+    idx_sorted = idx_t[keep][order]
+    if len(torch.unique(idx_sorted)) != len(idx_sorted):
+        raise RuntimeError("distributed evaluation counted a sample twice")
+    return logits_t[keep][order].cpu(), labels_t[keep][order].cpu()

@@ -1,0 +1,195 @@
+"""Stage 2 of LiVT: Balanced Fine-Tuning, evaluation, and evaluation of saved classifiers.
+
+The model is selected on the val split (best top-1 over the evaluated epochs); the test split is
+evaluated once at the end with the selected weights and reported, never used to choose anything.
+Outputs in the run directory: classifier.safetensors (selected), classifier_last.safetensors,
+test_results.{json,md}, per-class accuracy and confusion CSVs, two figures, config.yaml,
+metrics.jsonl, training states.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup
+
+from livt import config as config_lib
+from livt import engine
+from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
+from livt.data import build_dataset, train_class_counts
+from livt.data.loading import Augmented
+from livt.data.stats import class_counts, describe, read_class_counts
+from livt.data.transforms import eval_transform, finetune_transform
+from livt.losses import build_loss
+from livt.metrics import evaluate_logits, format_table, write_results
+from livt.models.vit import create_vit
+
+
+def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
+    """The options of `cfg.name` (each loss takes only its own)."""
+    test_prior = None
+    if cfg.test_prior_file:
+        counts = read_class_counts(cfg.test_prior_file)
+        test_prior = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
+    return {
+        "bal_bce": dict(tau=cfg.tau, variant=cfg.bias, test_prior=test_prior),
+        "bal_ce": dict(tau=cfg.tau),
+        "focal": dict(gamma=cfg.focal_gamma),
+        "cb_ce": dict(beta=cfg.cb_beta),
+    }.get(cfg.name, {})
+
+
+class TargetMaker:
+    """Mixup / CutMix (timm) with label smoothing; hard labels become soft targets.
+
+    timm's Mixup needs an even batch: with an odd one, the last sample is left unmixed (smoothed
+    one-hot target only).
+    """
+
+    def __init__(self, aug: config_lib.AugConfig, label_smoothing: float, num_classes: int) -> None:
+        self.num_classes, self.smoothing = num_classes, label_smoothing
+        self.mixup = None
+        if aug.mixup > 0 or aug.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
+                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def smooth(self, labels: torch.Tensor) -> torch.Tensor:
+        off = self.smoothing / self.num_classes
+        return torch.full((len(labels), self.num_classes), off, device=labels.device).scatter_(
+            1, labels[:, None], 1.0 - self.smoothing + off)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None:
+            return images, self.smooth(labels)
+        even = len(images) - len(images) % 2
+        if even == 0:
+            return images, self.smooth(labels)
+        mixed, targets = self.mixup(images[:even].clone(), labels[:even])
+        if even == len(images):
+            return mixed, targets
+        return (torch.cat([mixed, images[even:]]),
+                torch.cat([targets, self.smooth(labels[even:])]))
+
+
+def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str) -> None:
+    """A pretraining file made on this same dataset must have seen the same classes."""
+    if meta.get("dataset") != dataset_name or meta.get("class_counts") is None:
+        return
+    pre = np.asarray(meta["class_counts"])
+    if len(pre) != len(counts) or not np.array_equal(pre, counts):
+        raise engine.RunDirError(
+            f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
+            f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
+            f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
+
+
+def evaluate_split(accelerator, model, cfg, split: str, counts: np.ndarray) -> tuple[dict, Any]:
+    d = cfg.data
+    dataset = build_dataset(d, split)
+    data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images)
+    logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
+    return evaluate_logits(logits, labels, counts, dataset.class_names), dataset
+
+
+def run(cfg: config_lib.FinetuneConfig) -> Path:
+    if cfg.eval_only:
+        return evaluate_checkpoint(cfg)
+    if bool(cfg.pretrained) == cfg.from_scratch:
+        raise config_lib.ConfigError(
+            "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
+    accelerator = engine.make_accelerator(cfg.precision)
+    run_dir = engine.prepare_run_dir(cfg, "finetune", accelerator)
+    d = cfg.data
+    train = build_dataset(d, "train")
+    counts = class_counts(train.targets, train.num_classes)
+    accelerator.print(describe(counts, f"{train.name} train"))
+
+    torch.manual_seed(cfg.seed)
+    model = create_vit(cfg.model.name, d.img_size, cfg.model.patch_size, num_classes=train.num_classes,
+                       drop_path_rate=cfg.model.drop_path_rate, global_pool="avg")
+    if cfg.pretrained:
+        _, meta = load_file_with_meta(cfg.pretrained)
+        check_pretrained_matches(meta, train.name, counts, cfg.pretrained)
+        load_encoder(model, cfg.pretrained)
+    loss_fn = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
+    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
+
+    def forward(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        images, soft = targets(*batch)
+        return loss_fn(m(images), soft)
+
+    transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
+                                   cfg.aug.color_jitter)
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, model,
+                             Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
+                             train.num_classes, forward)
+    engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
+                        world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
+    meta = dict(config=config_lib.to_dict(cfg), dataset=train.name, class_counts=counts.tolist(),
+                class_names=train.class_names)
+    best_path = run_dir / "classifier.safetensors"
+
+    def end_of_epoch(epoch: int) -> dict[str, float]:
+        last = epoch + 1 == cfg.optim.epochs
+        if (epoch + 1) % cfg.eval_every and not last:
+            return {}
+        val, _ = evaluate_split(accelerator, trainer.model, cfg, "val", counts)
+        trainer.model.train()
+        row = {f"val_{k}": val[k] for k in ("top1", "many", "medium", "few", "ece")}
+        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
+            f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in row.items()))
+        if val["top1"] > trainer.state.best_metric:
+            trainer.state.best_metric, trainer.state.best_epoch = val["top1"], epoch + 1
+            if accelerator.is_main_process:
+                save_model(trainer.unwrapped, best_path, "classifier", arch_of(trainer.unwrapped),
+                           best_epoch=epoch + 1, **meta)
+        return row
+
+    trainer.fit(end_of_epoch)
+
+    if accelerator.is_main_process:
+        save_model(trainer.unwrapped, run_dir / "classifier_last.safetensors", "classifier",
+                   arch_of(trainer.unwrapped), **meta)
+    accelerator.wait_for_everyone()
+    # Report the test split with the weights selected on val.
+    state, _ = load_file_with_meta(best_path)
+    trainer.unwrapped.load_state_dict(state)
+    results, test = evaluate_split(accelerator, trainer.model, cfg, "test", counts)
+    results["best_epoch"] = trainer.state.best_epoch
+    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test")
+    accelerator.end_training()
+    return run_dir
+
+
+def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str) -> None:
+    if accelerator.is_main_process:
+        write_results(run_dir, results, class_names, counts, prefix="test")
+        accelerator.print(format_table([{"run": label, **results}]))
+        accelerator.print(f"results in {run_dir}")
+
+
+def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
+    """`--eval_only --checkpoint FILE`: the test split of `cfg.data`, counts from the train split or
+    from `data.class_counts_file`."""
+    if not cfg.checkpoint:
+        raise config_lib.ConfigError("--eval_only needs --checkpoint FILE.safetensors")
+    accelerator = engine.make_accelerator(cfg.precision)
+    run_dir = engine.prepare_run_dir(cfg, "eval", accelerator)
+    model, meta = load_classifier(cfg.checkpoint)
+    model.to(accelerator.device)
+    counts = train_class_counts(cfg.data)
+    if meta.get("arch", {}).get("num_classes") not in (None, len(counts)):
+        raise config_lib.ConfigError(
+            f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
+    model = accelerator.prepare(model)
+    results, test = evaluate_split(accelerator, model, cfg, "test", counts)
+    report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return run(config_lib.parse_args("finetune", sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,83 @@
+"""Stage 1 of LiVT: Masked Generative Pretraining of a ViT encoder on the long-tailed images only.
+
+Outputs in the run directory: encoder.safetensors (what fine-tuning loads), mae.safetensors (with the
+decoder, for visualisation), config.yaml, metrics.jsonl, reconstruction figures, training states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from livt import config as config_lib
+from livt import engine
+from livt.checkpoint import arch_of, save_model
+from livt.data import build_dataset
+from livt.data.loading import Augmented
+from livt.data.stats import class_counts, describe
+from livt.data.transforms import eval_transform, pretrain_transform
+from livt.figures import plot_reconstructions
+from livt.models.mae import MAE, create_mae
+
+NUM_FIGURE_IMAGES = 8
+
+
+def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tuple, path: Path) -> None:
+    """Original / masked / reconstruction rows of fixed images under a fixed mask."""
+    mae.eval()
+    generator = torch.Generator(device=images.device).manual_seed(0)
+    with torch.no_grad():
+        masked, recon = mae.reconstruct(images, generator=generator)
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    to_01 = lambda x: (x.float() * s + m).clamp(0, 1).cpu()
+    plot_reconstructions(to_01(images), to_01(masked), to_01(recon), path)
+
+
+def run(cfg: config_lib.PretrainConfig) -> Path:
+    accelerator = engine.make_accelerator(cfg.precision)
+    run_dir = engine.prepare_run_dir(cfg, "pretrain", accelerator)
+    d = cfg.data
+    train = build_dataset(d, "train")
+    counts = class_counts(train.targets, train.num_classes)
+    accelerator.print(describe(counts, f"{train.name} train"))
+
+    model = create_mae(cfg.model, cfg.mae, d.img_size)
+    trainer = engine.Trainer(
+        cfg, "pretrain", accelerator, run_dir, model,
+        Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images),
+        train.targets, train.num_classes, forward=lambda m, batch: m(batch[0])[0])
+    engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
+                        world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
+
+    fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std), cfg.seed)
+    step = max(1, len(train) // NUM_FIGURE_IMAGES)
+    figure_images = torch.stack([fixed[(0, i * step)][0] for i in range(NUM_FIGURE_IMAGES)])
+
+    def end_of_epoch(epoch: int) -> dict[str, float]:
+        last = epoch + 1 == cfg.optim.epochs
+        if accelerator.is_main_process and ((epoch + 1) % cfg.figure_every == 0 or last):
+            reconstruction_figure(trainer.unwrapped, figure_images.to(accelerator.device), d.mean, d.std,
+                                  run_dir / f"reconstruction_epoch{epoch + 1:04d}.png")
+        trainer.model.train()
+        return {}
+
+    trainer.fit(end_of_epoch)
+
+    if accelerator.is_main_process:
+        mae = trainer.unwrapped
+        meta = dict(config=config_lib.to_dict(cfg), dataset=train.name, class_counts=counts.tolist(),
+                    class_names=train.class_names)
+        save_model(mae.encoder, run_dir / "encoder.safetensors", "encoder", arch_of(mae.encoder), **meta)
+        save_model(mae, run_dir / "mae.safetensors", "mae", arch_of(mae.encoder), **meta)
+        accelerator.print(f"wrote {run_dir / 'encoder.safetensors'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import sys
+
+    return run(config_lib.parse_args("pretrain", sys.argv[1:] if argv is None else argv))
