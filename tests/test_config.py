@@ -1,0 +1,86 @@
+"""Config round trip, overrides, presets and strict errors."""
+
+import pytest
+import yaml
+
+from livt import config as c
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = c.parse_args("finetune", ["--data", "imagenet_lt", "--optim.blr", "2e-3", "--data.root", "/x"])
+    c.save(cfg, tmp_path / "config.yaml")
+    again = c.from_dict("finetune", yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+    assert again.optim.betas == (0.9, 0.99) and isinstance(again.optim.betas, tuple)
+
+
+def test_precedence_defaults_preset_override():
+    assert c.FinetuneConfig().optim.epochs == 100
+    cfg = c.parse_args("finetune", ["--data", "places_lt"])
+    assert cfg.optim.epochs == 30 and cfg.data.dataset == "places_lt"  # preset beats default
+    cfg = c.parse_args("finetune", ["--data", "places_lt", "--optim.epochs=7"])
+    assert cfg.optim.epochs == 7  # override beats preset
+
+
+def test_override_types():
+    cfg = c.parse_args("pretrain", ["--data.mean", "0.1,0.2,0.3", "--overwrite", "--seed", "3",
+                                    "--mae.norm_pix_loss", "false", "--optim.warmup_epochs", "2"])
+    assert cfg.data.mean == (0.1, 0.2, 0.3)
+    assert cfg.overwrite is True and cfg.seed == 3 and cfg.mae.norm_pix_loss is False
+    assert cfg.optim.warmup_epochs == 2.0 and isinstance(cfg.optim.warmup_epochs, float)
+    assert c.parse_args("finetune", ["--eval-only", "--checkpoint", "x"]).eval_only is True
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(c.ConfigError, match=r"unknown key 'optim\.bl'.*did you mean 'optim\.blr'"):
+        c.parse_args("pretrain", ["--optim.bl", "1e-3"])
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--optim.blr", "fast"], "optim.blr"),
+    (["--data.batch_size", "1.5"], "data.batch_size"),
+    (["--data.mean", "0.1,0.2"], "data.mean"),
+    (["--overwrite", "maybe"], "overwrite"),
+])
+def test_wrong_type_names_the_key(argv, key):
+    with pytest.raises(c.ConfigError, match=f"'{key}' expects"):
+        c.parse_args("pretrain", argv)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochz: 3\n")
+    with pytest.raises(c.ConfigError, match=r"bad\.yaml: unknown key 'optim\.epochz'.*'optim\.epochs'"):
+        c.parse_args("pretrain", ["--config", str(bad)])
+    bad.write_text("optim: {epochs: three}\n")
+    with pytest.raises(c.ConfigError, match=r"bad\.yaml: key 'optim\.epochs' expects int"):
+        c.parse_args("pretrain", ["--config", str(bad)])
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(c.ConfigError, match="no preset 'imagenet'.*imagenet_lt"):
+        c.parse_args("pretrain", ["--data", "imagenet"])
+
+
+def test_every_preset_loads():
+    for stage in c.STAGES:
+        names = c.presets(stage)
+        assert {"tiny", "demo", "imagenet_lt", "places_lt", "inat18", "cifar10_lt", "cifar100_lt"} <= set(names)
+        for name in names:
+            c.parse_args(stage, ["--data", name])
+
+
+def test_hash_ignores_what_may_change_on_resume():
+    base = c.parse_args("pretrain", ["--data", "tiny"])
+    same = c.parse_args("pretrain", ["--data", "tiny", "--resume", "auto", "--data.num_workers", "7"])
+    other = c.parse_args("pretrain", ["--data", "tiny", "--optim.blr", "1"])
+    assert c.run_name(base, "pretrain") == c.run_name(same, "pretrain") != c.run_name(other, "pretrain")
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        c.parse_args("finetune", ["--help"])
+    out = capsys.readouterr().out
+    for key in c.flat_fields(c.FinetuneConfig):
+        assert f"--{key} " in out
+    assert "layer-wise lr decay" in out
