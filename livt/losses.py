@@ -1,0 +1,243 @@
+"""Classification losses for Balanced Fine-Tuning and the long-tailed baselines.
+
+Every loss is a pure function `loss(logits, targets, [class_counts,] **options) -> scalar`:
+
+- `logits`: (B, C), any float dtype; the loss is computed in float32 outside autocast, because a
+  Bal-BCE bias near log(999) ~ 6.9 loses ~0.03 to bf16 rounding.
+- `targets`: hard labels (B,) int64, or soft targets (B, C) float (timm's Mixup/CutMix with label
+  smoothing). Every loss accepts both; a one-hot soft target gives the same value as its hard label.
+- `class_counts`: training images per class (C,); every class needs at least one (its prior is logged).
+
+The logit biases of Bal-CE and Bal-BCE are a training device only: prediction and evaluation use the
+raw logits z (see `livt.metrics.posthoc_adjust` for a known non-uniform test prior).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Counts = Sequence[int] | np.ndarray | Tensor
+BIAS_VARIANTS = ("eq10", "eq6")
+
+
+# ---------------------------------------------------------------------------------------------
+# Priors and logit biases (computed in float64 on the CPU, returned as float32)
+
+
+def _prior64(class_counts: Counts, what: str = "class_counts") -> Tensor:
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
+    if counts.dim() != 1 or counts.numel() < 2:
+        raise ValueError(f"{what}: expected a 1-D sequence of at least 2 classes, "
+                         f"got shape {tuple(counts.shape)}")
+    bad = torch.nonzero(counts <= 0).flatten().tolist()
+    if bad:
+        shown = ", ".join(str(c) for c in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{what}: class {shown} has count {counts[bad[0]].item():g}; every class needs a "
+                         f"positive count (its prior enters a log)")
+    return counts / counts.sum()
+
+
+def prior(class_counts: Counts) -> Tensor:
+    """Training prior pi_c = n_c / N, (C,) float32; a zero-count class raises ValueError naming it."""
+    return _prior64(class_counts).float()
+
+
+def bal_bce_bias(class_counts: Counts, variant: str = "eq10", test_prior: Counts | None = None) -> Tensor:
+    """Bal-BCE logit bias B (C,) float32, added to the logits during training only.
+
+    - 'eq10' (default, balanced test set): B_c = log pi_c - log(1 - pi_c) + log(C - 1).
+    - 'eq6' (Theorem 2, what the official code trains with): B_c = log pi_c - log(1 - pi_c).
+    - `test_prior` (Theorem 3; counts or probabilities, normalised here; only with 'eq10'):
+      B_c = (log pi_s - log pi_t) - (log(1 - pi_s) - log(1 - pi_t)); a uniform pi_t gives Eq. 10.
+    """
+    if variant not in BIAS_VARIANTS:
+        raise ValueError(f"unknown Bal-BCE bias variant '{variant}'; "
+                         f"choose one of {', '.join(BIAS_VARIANTS)}")
+    pi_s = _prior64(class_counts)
+    bias = torch.log(pi_s) - torch.log1p(-pi_s)
+    if test_prior is not None:
+        if variant != "eq10":
+            raise ValueError(f"a test prior (Theorem 3) generalises Eq. 10; "
+                             f"it cannot be combined with '{variant}'")
+        pi_t = _prior64(test_prior, "test_prior")
+        if pi_t.numel() != pi_s.numel():
+            raise ValueError(f"test_prior has {pi_t.numel()} classes, class_counts {pi_s.numel()}")
+        bias = bias - (torch.log(pi_t) - torch.log1p(-pi_t))
+    elif variant == "eq10":
+        bias = bias + math.log(pi_s.numel() - 1)
+    return bias.float()
+
+
+def cb_weights(class_counts: Counts, beta: float = 0.9999) -> Tensor:
+    """Effective-number weights (1 - beta) / (1 - beta^n_c) normalised to sum C, (C,) float32."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"cb beta must lie in [0, 1), got {beta}")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
+    _prior64(counts)  # same validation as the other count-based losses
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return (w * counts.numel() / w.sum()).float()
+
+
+def _bal_ce_offset(class_counts: Counts, tau: float = 1.0) -> Tensor:
+    return (tau * torch.log(_prior64(class_counts))).float()
+
+
+def _bal_bce_offset(class_counts: Counts, tau: float = 1.0, variant: str = "eq10",
+                    test_prior: Counts | None = None) -> Tensor:
+    return tau * bal_bce_bias(class_counts, variant, test_prior)  # tau scales the whole bias (Alg. 1 l. 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: float32, outside autocast
+
+
+def _float32(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run `fn(logits, targets, *rest)` in float32 with autocast off; checks the target format."""
+
+    @functools.wraps(fn)
+    def wrapper(logits: Tensor, targets: Tensor, *rest: Tensor | None, **kw: float) -> Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
+        hard = targets.dim() == 1 and not targets.is_floating_point()
+        if not hard and not (targets.is_floating_point() and targets.shape == logits.shape):
+            raise ValueError(f"targets must be hard labels (B,) int64 or soft targets (B, C) float matching "
+                             f"logits {tuple(logits.shape)}; got {tuple(targets.shape)} {targets.dtype}")
+        for t in rest:
+            if t is not None and t.shape != logits.shape[-1:]:
+                raise ValueError(f"class_counts has {t.shape[0]} classes, logits have {logits.shape[-1]}")
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return fn(logits.float(), targets.long() if hard else targets.float(), *rest, **kw)
+
+    return wrapper
+
+
+def _probs(targets: Tensor, num_classes: int) -> Tensor:
+    """(B, C) float32 target distribution from hard or soft targets."""
+    if targets.is_floating_point():
+        return targets
+    return F.one_hot(targets, num_classes).float()
+
+
+@_float32
+def _ce(logits: Tensor, targets: Tensor, offset: Tensor | None = None) -> Tensor:
+    z = logits if offset is None else logits + offset  # (B, C)
+    return F.cross_entropy(z, targets)  # soft targets: -sum_c t_c log softmax(z)_c, batch mean
+
+
+@_float32
+def _bce(logits: Tensor, targets: Tensor, offset: Tensor | None = None) -> Tensor:
+    z = logits if offset is None else logits + offset  # (B, C)
+    t = _probs(targets, z.shape[1])
+    return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]  # sum over C, mean over B
+
+
+@_float32
+def _weighted_ce(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    per_sample = F.cross_entropy(logits, targets, reduction="none")  # (B,)
+    w = weight[targets] if not targets.is_floating_point() else targets @ weight  # (B,) = sum_c t_c w_c
+    # Batch mean of w_i * CE_i, not F.cross_entropy(weight=...)'s division by the summed weights.
+    return (w * per_sample).mean()
+
+
+@_float32
+def _focal(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
+    log_p = F.log_softmax(logits, dim=-1)  # (B, C)
+    t = _probs(targets, logits.shape[1])
+    return -(t * (1.0 - log_p.exp()).pow(gamma) * log_p).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public losses
+
+
+def ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax cross-entropy, batch mean."""
+    return _ce(logits, targets)
+
+
+def bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """BCE with logits against one-hot/soft targets, summed over classes, batch mean (Eq. 5, w = 1)."""
+    return _bce(logits, targets)
+
+
+def bal_ce(logits: Tensor, targets: Tensor, class_counts: Counts, tau: float = 1.0) -> Tensor:
+    """Balanced softmax / logit-adjusted CE: CE on z + tau * log pi. Predict with the raw logits z."""
+    return _ce(logits, targets, _bal_ce_offset(class_counts, tau).to(logits.device))
+
+
+def bal_bce(logits: Tensor, targets: Tensor, class_counts: Counts, tau: float = 1.0,
+            variant: str = "eq10", test_prior: Counts | None = None) -> Tensor:
+    """Bal-BCE: BCE on z + tau * B with B from `bal_bce_bias` (Algorithm 1). Predict with the raw logits z."""
+    return _bce(logits, targets, _bal_bce_offset(class_counts, tau, variant, test_prior).to(logits.device))
+
+
+def focal(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
+    """Softmax focal loss -sum_c t_c (1 - p_c)^gamma log p_c, batch mean; gamma = 0 is CE."""
+    if gamma < 0:
+        raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+    return _focal(logits, targets, gamma=float(gamma))
+
+
+def cb_ce(logits: Tensor, targets: Tensor, class_counts: Counts, beta: float = 0.9999) -> Tensor:
+    """Class-balanced CE: per-sample weight w_y (soft: sum_c t_c w_c) from `cb_weights`, batch mean."""
+    return _weighted_ce(logits, targets, cb_weights(class_counts, beta).to(logits.device))
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": ce,
+    "bce": bce,
+    "bal_ce": bal_ce,
+    "bal_bce": bal_bce,
+    "focal": focal,
+    "cb_ce": cb_ce,
+}
+
+# Count-based losses: (per-class tensor from counts and options, kernel), so that `build_loss`
+# computes the bias/weights once and copies them to each device once rather than every step.
+_PER_CLASS = {
+    "bal_ce": (_bal_ce_offset, _ce),
+    "bal_bce": (_bal_bce_offset, _bce),
+    "cb_ce": (cb_weights, _weighted_ce),
+}
+
+
+def build_loss(name: str, class_counts: Counts, **options: object) -> Callable[[Tensor, Tensor], Tensor]:
+    """`loss(logits, targets) -> scalar` for the named loss; `class_counts` is ignored by ce, bce and focal.
+
+    Unknown names and options the loss does not take raise ValueError listing the valid ones.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+    fn = LOSSES[name]
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("logits", "targets", "class_counts")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss '{name}' takes no option {', '.join(unknown)}; "
+                         f"it accepts: {', '.join(accepted) or 'none'}")
+    if name not in _PER_CLASS:
+        return functools.partial(fn, **options)
+
+    make, kernel = _PER_CLASS[name]
+    table = make(class_counts, **options)  # (C,) float32, CPU; raises now rather than at the first step
+    on_device: dict[torch.device, Tensor] = {}
+
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        t = on_device.get(logits.device)
+        if t is None:
+            t = on_device[logits.device] = table.to(logits.device)
+        return kernel(logits, targets, t)
+
+    loss.__name__ = name
+    return loss
+
+
+__all__ = ["LOSSES", "BIAS_VARIANTS", "prior", "bal_bce_bias", "cb_weights", "ce", "bce", "bal_ce", "bal_bce",
+           "focal", "cb_ce", "build_loss"]
