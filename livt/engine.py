@@ -227,11 +227,15 @@ class Plan:
 
 
 class Trainer:
-    """Runs optimizer steps over a dataset; the stage supplies `forward(model, batch) -> loss`."""
+    """Runs optimizer steps over a dataset.
+
+    The stage supplies `forward(model, images, labels, indices, step) -> loss`; `indices` are the
+    dataset indices of the micro-batch (CPU), for randomness that must not depend on the process count.
+    """
 
     def __init__(self, cfg: Any, stage: str, accelerator: Accelerator, run_dir: Path, model: torch.nn.Module,
                  train_set: Augmented, targets: np.ndarray, num_classes: int,
-                 forward: Callable[[torch.nn.Module, tuple], torch.Tensor]) -> None:
+                 forward: Callable[..., torch.Tensor]) -> None:
         self.cfg, self.stage, self.acc, self.run_dir = cfg, stage, accelerator, run_dir
         self.train_set, self.forward = train_set, forward
         self.sampler = TrainSampler(
@@ -323,12 +327,13 @@ class Trainer:
         seed_step(cfg.seed, state.step, acc.process_index)
         total = torch.zeros((), device=acc.device)
         for micro in range(plan.accum):
-            images, labels, _, n_skipped = next(batches)
+            images, labels, indices, n_skipped = next(batches)
             self.skipped_images += n_skipped
-            batch = (images.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True))
+            images = images.to(acc.device, non_blocking=True)
+            labels = labels.to(acc.device, non_blocking=True)
             sync = micro == plan.accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
-                loss = self.forward(self.model, batch)
+                loss = self.forward(self.model, images, labels, indices, state.step)
             acc.backward(loss / plan.accum)
             total += loss.detach().float() / plan.accum
             if cfg.debug_kill_at_step == state.step + 1 and micro == plan.accum // 2:

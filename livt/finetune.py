@@ -118,8 +118,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     loss_fn = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
-    def forward(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
-        images, soft = targets(*batch)
+    def forward(m: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:
+        images, soft = targets(images, labels)
         return loss_fn(m(images), soft)
 
     transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from livt import config as config_lib
@@ -21,6 +22,16 @@ from livt.figures import plot_reconstructions
 from livt.models.mae import MAE, create_mae
 
 NUM_FIGURE_IMAGES = 8
+
+
+def mask_noise(seed: int, step: int, indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Masking noise (B, L) as a function of (seed, step, sample index) alone, so the masks of a global
+    batch do not depend on how it is split over processes (nor on anything before this step)."""
+    rows = []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        rows.append(torch.rand(num_patches, generator=g))
+    return torch.stack(rows)
 
 
 def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tuple, path: Path) -> None:
@@ -44,10 +55,16 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     accelerator.print(describe(counts, f"{train.name} train"))
 
     model = create_mae(cfg.model, cfg.mae, d.img_size)
+    num_patches = (d.img_size // cfg.model.patch_size) ** 2
+
+    def forward(mae: MAE, images: torch.Tensor, labels, indices: torch.Tensor, step: int) -> torch.Tensor:
+        noise = mask_noise(cfg.seed, step, indices, num_patches).to(images.device, non_blocking=True)
+        return mae(images, noise=noise)[0]
+
     trainer = engine.Trainer(
         cfg, "pretrain", accelerator, run_dir, model,
         Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images),
-        train.targets, train.num_classes, forward=lambda m, batch: m(batch[0])[0])
+        train.targets, train.num_classes, forward)
     engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
                         world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
 
