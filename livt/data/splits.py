@@ -1,0 +1,311 @@
+"""The dataset interface, and datasets read from split files of `relative/path label` lines.
+
+ImageNet-LT, Places-LT, iNaturalist 2018 and ImageNet-BAL are all lists of images under an image root.
+Lists are parsed strictly, up front: a malformed line or a label outside [0, C) stops the run with the
+file and line at fault. Images are opened only when a sample is loaded (iNat18 has 437k of them);
+`verify_images` opens them all for an opt-in check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from livt.config import DataConfig
+from livt.data.errors import (
+    DataError,
+    EmptyClassError,
+    ImageReadError,
+    LabelRangeError,
+    MissingDataError,
+    SplitFormatError,
+)
+from livt.data.stats import check_no_empty_class, class_counts
+
+# A truncated JPEG must raise, not be padded with grey: keep Pillow's default.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class LTDataset(torch.utils.data.Dataset):
+    """A classification dataset: `load(i)` -> (RGB PIL image, label); `targets` (N,) int64.
+
+    Subclasses set `targets`, `num_classes`, `class_names`, `name` and implement `load`.
+    """
+
+    targets: np.ndarray
+    num_classes: int
+    class_names: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self):,} images, {self.num_classes} classes)"
+
+
+class ArrayDataset(LTDataset):
+    """Images held in memory as uint8 (N, H, W, 3) (CIFAR, synthetic)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, class_names: list[str], name: str):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{name}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(targets):
+            raise ValueError(f"{name}: {len(images)} images but {len(targets)} labels")
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.num_classes = len(class_names)
+        self.class_names = list(class_names)
+        self.name = name
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+def open_image(path: str | Path, origin: str = "") -> Image.Image:
+    """Decode an image fully into RGB; any failure is an `ImageReadError` naming the file (and origin)."""
+    where = f" (listed at {origin})" if origin else ""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: Image.open is lazy and a truncated file fails only here
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image not found{where}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: cannot decode image{where}: {e}") from None
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    if not path.is_file():
+        raise MissingDataError(f"split file not found: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise SplitFormatError(f"{path}: not a text file ({e})") from None
+    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+
+
+def _parse_split_file(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Paths, labels and the line number of each sample."""
+    paths, labels, linenos = [], [], []
+    for lineno, line in _read_lines(path):
+        # split on the last whitespace so that a path may contain spaces
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].isdigit() or not parts[1].isascii():
+            raise SplitFormatError(
+                f"{path}:{lineno}: expected '<relative/path> <non-negative integer label>', got {line!r}")
+        paths.append(parts[0])
+        labels.append(int(parts[1]))
+        linenos.append(lineno)
+    if not paths:
+        raise SplitFormatError(f"{path}: no samples in split file")
+    return paths, np.array(labels, dtype=np.int64), np.array(linenos, dtype=np.int64)
+
+
+def read_split_file(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Parse a `relative/path label` file: (paths, labels (N,) int64). Strict; errors name file:line."""
+    paths, labels, _ = _parse_split_file(Path(path))
+    return paths, labels
+
+
+def _parse_inat_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The official iNaturalist json: paths, labels and image ids (the 'line' of a sample)."""
+    if not path.is_file():
+        raise MissingDataError(f"split file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+        images = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SplitFormatError(f"{path}: not an iNaturalist json with 'images' (id, file_name) and "
+                               f"'annotations' (image_id, category_id): {e!r}") from None
+    paths, labels, ids = [], [], []
+    for k, ann in enumerate(anns):
+        try:
+            image_id, label = ann["image_id"], ann["category_id"]
+        except (KeyError, TypeError):
+            raise SplitFormatError(f"{path}: annotation {k} lacks image_id/category_id: {ann!r}") from None
+        if image_id not in images:
+            raise SplitFormatError(f"{path}: annotation {k} refers to unknown image id {image_id}")
+        if not isinstance(label, int) or label < 0:
+            raise SplitFormatError(f"{path}: annotation {k} (image id {image_id}): bad category_id {label!r}")
+        paths.append(images[image_id])
+        labels.append(label)
+        ids.append(image_id)
+    if not paths:
+        raise SplitFormatError(f"{path}: no annotations")
+    return paths, np.array(labels, dtype=np.int64), np.array(ids, dtype=np.int64)
+
+
+class SplitFileDataset(LTDataset):
+    """Images listed in a split file (`relative/path label` lines, or an iNaturalist `.json`) under `root`.
+
+    Checks up front that `root` exists, that the list parses and that labels lie in [0, num_classes).
+    """
+
+    def __init__(self, root: str | Path, split_file: str | Path, num_classes: int,
+                 class_names: list[str] | None = None, name: str = ""):
+        self.root = Path(root)
+        self.split_file = Path(split_file)
+        if not self.root.is_dir():
+            raise MissingDataError(f"image root not found: {self.root} (set --data.root)")
+        self._json = self.split_file.suffix == ".json"
+        parse = _parse_inat_json if self._json else _parse_split_file
+        paths, labels, origins = parse(self.split_file)
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            i = bad[0]
+            raise LabelRangeError(
+                f"{self._origin(origins[i])}: label {labels[i]} outside [0, {num_classes}) "
+                f"({len(bad)} such line(s); is data.num_classes={num_classes} right?)")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.paths = paths
+        self.targets = labels
+        self._origins = origins
+        self.num_classes = num_classes
+        self.class_names = class_names or [f"class_{c:0{len(str(num_classes - 1))}d}" for c in range(num_classes)]
+        self.name = name or self.split_file.stem
+
+    def keep(self, indices: np.ndarray) -> None:
+        """Keep only these entries of the list, in this order (balanced subsets)."""
+        self.paths = [self.paths[i] for i in indices]
+        self.targets, self._origins = self.targets[indices], self._origins[indices]
+
+    def _origin(self, o: int) -> str:
+        return f"{self.split_file} (image id {o})" if self._json else f"{self.split_file}:{o}"
+
+    def origin(self, index: int) -> str:
+        """Where sample `index` is listed: 'file:line' (or 'file (image id N)')."""
+        return self._origin(int(self._origins[index]))
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return open_image(self.root / self.paths[index], self.origin(index)), int(self.targets[index])
+
+
+def verify_images(dataset: LTDataset, max_errors: int = 20) -> list[str]:
+    """Open every image of `dataset`; the messages of the first `max_errors` failures (empty = all fine)."""
+    errors = []
+    for i in range(len(dataset)):
+        try:
+            dataset.load(i)
+        except ImageReadError as e:
+            errors.append(str(e))
+            if len(errors) >= max_errors:
+                break
+    return errors
+
+
+def read_class_names(path: Path, num_classes: int) -> list[str]:
+    """`<label> <name>` per line (names may contain '/' but not whitespace-only) -> names in label order."""
+    names: dict[int, str] = {}
+    for lineno, line in _read_lines(path):
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) in names:
+            raise SplitFormatError(f"{path}:{lineno}: expected '<label> <name>' with a new label, got {line!r}")
+        names[int(parts[0])] = parts[1]
+    if sorted(names) != list(range(num_classes)):
+        raise SplitFormatError(f"{path}: expected names for labels 0..{num_classes - 1}, "
+                               f"got {len(names)} labels (is data.num_classes={num_classes} right?)")
+    return [names[c] for c in range(num_classes)]
+
+
+def balanced_indices(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
+                     source: str) -> np.ndarray:
+    """`per_class` entries of every class, a seeded draw without replacement, kept in list order."""
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            kind = EmptyClassError if len(idx) == 0 else DataError
+            raise kind(f"{source}: class {c} has {len(idx)} images, fewer than per_class={per_class}")
+        rng.shuffle(idx)
+        keep.append(idx[:per_class])
+    return np.sort(np.concatenate(keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the standard split-file names of each dataset
+
+
+STANDARD_FILES = {
+    "imagenet_lt": {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
+                    "test": "ImageNet_LT_test.txt", "names": "ImageNet_LT_label_to_wnid.txt"},
+    "places_lt": {"train": "Places_LT_train.txt", "val": "Places_LT_val.txt",
+                  "test": "Places_LT_test.txt", "names": "Places_LT_label_to_name.txt"},
+    # the field reports iNat18 on its val set: test = val
+    "inat18": {"train": "iNaturalist18_train.txt", "val": "iNaturalist18_val.txt",
+               "test": "iNaturalist18_val.txt", "names": ""},
+}
+STANDARD_NUM_CLASSES = {"imagenet_lt": 1000, "imagenet_bal": 1000, "places_lt": 365, "inat18": 8142}
+
+
+def split_dir(cfg: DataConfig) -> Path:
+    if not (cfg.split_dir or cfg.root):
+        raise MissingDataError(f"{cfg.dataset}: data.root is not set (the image root; split files are "
+                               "read from data.split_dir, default the root)")
+    return Path(cfg.split_dir or cfg.root)
+
+
+def resolve(cfg: DataConfig, name: str) -> Path:
+    """An explicit file name: absolute, or relative to the split folder."""
+    path = Path(name)
+    return path if path.is_absolute() else split_dir(cfg) / path
+
+
+def split_file(cfg: DataConfig, split: str, files: dict[str, str]) -> Path:
+    explicit = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}[split]
+    if split == "test" and not explicit and files["test"] == files["val"]:
+        explicit = cfg.val_file  # test = val (iNat18): follow an explicit val file
+    return resolve(cfg, explicit or files[split])
+
+
+def _class_names(cfg: DataConfig, files: dict[str, str], listing: Path) -> list[str] | None:
+    if listing.suffix == ".json":
+        try:
+            cats = {c["id"]: str(c["name"]) for c in json.loads(listing.read_text()).get("categories", [])}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None
+        return [cats[c] for c in range(cfg.num_classes)] if set(cats) == set(range(cfg.num_classes)) else None
+    names = split_dir(cfg) / files["names"] if files["names"] else None
+    return read_class_names(names, cfg.num_classes) if names is not None and names.is_file() else None
+
+
+def build_split_dataset(cfg: DataConfig, split: str) -> SplitFileDataset:
+    """ImageNet-LT, Places-LT and iNaturalist 2018 from their split files (or iNat's json)."""
+    files = STANDARD_FILES[cfg.dataset]
+    listing = split_file(cfg, split, files)
+    ds = SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
+                          name=f"{cfg.dataset}_{split}")
+    if split == "train":
+        check_no_empty_class(class_counts(ds.targets, ds.num_classes), str(listing), ds.class_names)
+    return ds
+
+
+def build_imagenet_bal(cfg: DataConfig, split: str) -> SplitFileDataset:
+    """ImageNet-BAL: `per_class` images of every class drawn (seed `subset_seed`) from a full ImageNet
+    train list given as `train_file`; val and test are ImageNet-LT's."""
+    files = STANDARD_FILES["imagenet_lt"]
+    if split != "train":
+        listing = split_file(cfg, split, files)
+        return SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
+                                name=f"imagenet_bal_{split}")
+    if not cfg.train_file:
+        raise MissingDataError("imagenet_bal: set --data.train_file to a list of the full ImageNet train set "
+                               "('train/<wnid>/<file>.JPEG label' per line); the balanced subset is drawn from it")
+    listing = resolve(cfg, cfg.train_file)
+    ds = SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
+                          name="imagenet_bal_train")
+    ds.keep(balanced_indices(ds.targets, cfg.num_classes, cfg.per_class, cfg.subset_seed, str(listing)))
+    return ds
