@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from livt.config import MAEConfig, ModelConfig
 from livt.models import MAE, create_mae, create_vit
@@ -117,16 +118,15 @@ def test_reconstruct_pastes_visible_and_denormalises():
     torch.testing.assert_close(perfect, imgs, atol=1e-5, rtol=0)
 
 
-def test_loss_falls_on_a_fixed_batch():
+def test_loss_beats_the_zero_baseline_on_smooth_images():
+    # smooth images make masked patches predictable from visible ones; predicting zeros scores ~0.98
     mae = tiny_mae()
-    imgs = torch.rand(8, 3, 32, 32)
-    noise = torch.rand(8, 16)
+    g = torch.Generator().manual_seed(0)
+    imgs = F.interpolate(torch.rand(16, 3, 2, 2, generator=g), size=32, mode="bilinear", align_corners=True)
     opt = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss, _, _ = mae(imgs, noise=noise)
+    for _ in range(60):
+        loss, _, _ = mae(imgs, generator=g)  # a fresh mask every step
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert loss.item() < 0.75
