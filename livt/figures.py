@@ -1,0 +1,115 @@
+"""Figures of a run: per-class accuracy by shot group, reliability diagram, MAE reconstructions.
+
+Drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch) and
+written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from livt.data.stats import shot_groups
+from livt.metrics import ArrayLike, atomic_path, reliability_bins
+
+GROUP_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+LABEL_INCHES = 0.3  # left margin of the reconstruction grid, for the row labels
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
+
+
+def plot_per_class_accuracy(per_class_acc: ArrayLike, train_counts: ArrayLike, path: str | Path,
+                            title: str = "") -> None:
+    """Accuracy bars (percent) of the classes sorted head to tail by training count, the training count
+    on a log secondary axis, the many / medium / few regions shaded and labelled."""
+    acc = np.asarray(per_class_acc, dtype=np.float64)
+    counts = np.asarray(train_counts)
+    order = np.argsort(-counts, kind="stable")
+    x = np.arange(len(counts))
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax = fig.add_subplot()
+    for group, pos in shot_groups(counts[order]).items():  # contiguous positions once sorted
+        if len(pos):
+            ax.axvspan(pos[0] - 0.5, pos[-1] + 0.5, color=GROUP_COLORS[group], alpha=0.12, lw=0)
+            ax.text((pos[0] + pos[-1]) / 2, 104, f"{group} ({len(pos)})", ha="center", va="center",
+                    color=GROUP_COLORS[group])
+    # One step patch rather than C bars (8,142 bars take seconds); NaN (absent from the test set) is a gap.
+    ax.stairs(acc[order], np.arange(len(counts) + 1) - 0.5, fill=True, color="0.35")
+    ax.set(xlim=(-0.5, len(counts) - 0.5), ylim=(0, 110), xlabel="class (sorted by training count)",
+           ylabel="accuracy (%)", title=title)
+    ax2 = ax.twinx()
+    ax2.plot(x, counts[order], color="k", lw=1.2)
+    ax2.set_yscale("log", nonpositive="mask")
+    ax2.set_ylabel("training images")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_reliability_bins(bins: dict, path: str | Path) -> None:
+    """Reliability diagram from `livt.metrics.reliability_bins` output: accuracy per confidence bin
+    against the diagonal, gaps shaded, bin counts below, ECE and MCE in the title."""
+    counts, acc, conf = bins["counts"], bins["accuracy"], bins["confidence"]
+    n_bins = len(counts)
+    left = np.arange(n_bins) / n_bins
+    width = 1.0 / n_bins
+    fig = Figure(figsize=(5, 6), dpi=100)
+    ax, ax_counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = counts > 0
+    ax.bar(left[filled], acc[filled], width, align="edge", color="tab:blue", edgecolor="k", label="accuracy")
+    ax.bar(left[filled], (conf - acc)[filled], width, bottom=acc[filled], align="edge", color="tab:red",
+           alpha=0.3, edgecolor="tab:red", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="0.4", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
+           title=f"ECE {bins['ece']:.2f}%   MCE {bins['mce']:.2f}%")
+    ax.legend(loc="upper left")
+    ax_counts.bar(left, counts, width, align="edge", color="0.5", edgecolor="k")
+    ax_counts.set(xlabel="confidence (max softmax probability)", ylabel="count")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_reliability(logits_or_probs: ArrayLike, labels: ArrayLike, path: str | Path,
+                     n_bins: int = 15) -> None:
+    """Reliability diagram of (N, C) raw logits or probabilities (see `plot_reliability_bins`)."""
+    plot_reliability_bins(reliability_bins(logits_or_probs, labels, n_bins), path)
+
+
+def plot_reconstructions(original: Tensor, masked: Tensor, reconstructed: Tensor, path: str | Path,
+                         cell_inches: float = 1.5, dpi: int = 100) -> None:
+    """Grid with rows original / masked / reconstruction of N images, each (N, 3, H, W) in [0, 1].
+
+    Fixed layout, no tight bounding box, so the PNG size is known: width = int(dpi * (LABEL_INCHES +
+    N * cell_inches * W / H)), height = int(dpi * 3 * cell_inches). With the defaults and square
+    images: (30 + 150 N) x 450 pixels.
+    """
+    rows = {"original": original, "masked": masked, "reconstruction": reconstructed}
+    shapes = {tuple(t.shape) for t in rows.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4 or next(iter(shapes))[1] != 3:
+        raise ValueError(f"expected three (N, 3, H, W) tensors of one shape, got {sorted(shapes)}")
+    n, _, h, w = next(iter(shapes))
+    cell_w = cell_inches * w / h
+    fig_w, fig_h = LABEL_INCHES + n * cell_w, 3 * cell_inches
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    for r, (name, images) in enumerate(rows.items()):
+        bottom = 1 - (r + 1) / 3
+        fig.text(LABEL_INCHES / 2 / fig_w, bottom + 1 / 6, name, rotation=90, ha="center", va="center",
+                 fontsize=8)
+        for i, img in enumerate(images.detach().float().clamp(0, 1).cpu()):
+            pad = 0.03 * cell_inches  # white margin around each image, inches
+            left = (LABEL_INCHES + i * cell_w + pad) / fig_w
+            ax = fig.add_axes((left, bottom + pad / fig_h, (cell_w - 2 * pad) / fig_w,
+                               (cell_inches - 2 * pad) / fig_h))  # figure fractions
+            ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")  # (H, W, 3)
+            ax.set_axis_off()
+    _save(fig, path)
+
+
+__all__ = ["plot_per_class_accuracy", "plot_reliability", "plot_reliability_bins", "plot_reconstructions"]

@@ -1,0 +1,292 @@
+"""Evaluation: top-1/top-5, shot-group accuracy, calibration, post-hoc prior adjustment, result files.
+
+Conventions: accuracies, ECE and MCE are percentages; shot groups use the TRAINING counts
+(`livt.data.stats.shot_groups`: many > 100, medium 20-100, few < 20); a group that is empty, or whose
+classes are all absent from the test set, is None (printed "n/a", written null), never 0.
+Predictions and confidences use the raw logits: the Bal-CE / Bal-BCE biases are training-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from livt.data.stats import shot_groups
+
+ArrayLike = Tensor | np.ndarray | Sequence
+BCE_TRAINED = ("bce", "bal_bce")
+CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce")
+
+
+def _logits(x: ArrayLike) -> Tensor:
+    """(N, C) float32 CPU logits; probabilities (entries in [0, 1], rows summing to 1) become log p."""
+    x = torch.as_tensor(x).detach().float().cpu()
+    if x.dim() != 2:
+        raise ValueError(f"expected logits or probabilities of shape (N, C), got {tuple(x.shape)}")
+    is_prob = bool(((x >= 0) & (x <= 1)).all()) and torch.allclose(x.sum(1), torch.ones(len(x)), atol=1e-4)
+    return x.log() if is_prob else x  # softmax(log p) = p, so both paths share one code path
+
+
+def _labels(labels: ArrayLike, n: int, num_classes: int) -> Tensor:
+    y = torch.as_tensor(labels).detach().cpu().long()
+    if y.shape != (n,):
+        raise ValueError(f"labels must be ({n},) to match the logits, got {tuple(y.shape)}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), "
+                         f"got range [{y.min().item()}, {y.max().item()}]")
+    return y
+
+
+def reliability_bins(logits_or_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict:
+    """Calibration per confidence bin: `n_bins` equal-width bins on (0, 1], confidence = max softmax prob.
+
+    Returns counts (n_bins,) int64, accuracy and confidence (n_bins,) as fractions (NaN for empty
+    bins), and ece / mce in percent: ECE = count-weighted mean |acc - conf| over non-empty bins, MCE =
+    the largest gap.
+    """
+    z = _logits(logits_or_probs)
+    y = _labels(labels, len(z), z.shape[1])
+    conf, pred = torch.softmax(z, dim=1).max(dim=1)  # (N,), (N,)
+    edges = torch.linspace(0, 1, n_bins + 1)
+    # Bin b holds (edges[b], edges[b + 1]]: the first edge >= conf closes it.
+    idx = (torch.searchsorted(edges, conf, right=False) - 1).clamp(0, n_bins - 1).numpy()
+    counts = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(idx, (pred == y).double().numpy(), minlength=n_bins) / counts
+        mean_conf = np.bincount(idx, conf.double().numpy(), minlength=n_bins) / counts
+    gap = np.abs(acc - mean_conf)[counts > 0]
+    total = counts.sum()
+    return {
+        "counts": counts,
+        "accuracy": acc,
+        "confidence": mean_conf,
+        "ece": float((gap * counts[counts > 0]).sum() / total * 100) if total else math.nan,
+        "mce": float(gap.max() * 100) if total else math.nan,
+    }
+
+
+def ece_mce(logits_or_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> tuple[float, float]:
+    """(ECE, MCE) in PERCENT, from (N, C) logits or probabilities (see `reliability_bins`)."""
+    bins = reliability_bins(logits_or_probs, labels, n_bins)
+    return bins["ece"], bins["mce"]
+
+
+def _group_mean(per_class: np.ndarray, classes: np.ndarray) -> float | None:
+    acc = per_class[classes]
+    acc = acc[~np.isnan(acc)]
+    return float(acc.mean()) if len(acc) else None
+
+
+def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLike,
+                    class_names: Sequence[str] | None = None) -> dict:
+    """All test metrics from raw (N, C) logits; accuracies in percent.
+
+    Keys: n, top1, top5 (k = min(5, C)), many / medium / few (mean per-class accuracy of the shot group
+    by training count, None when empty), ece, mce (percent), nll (mean, nats), per_class (C,) float
+    (NaN for classes absent from the test set), test_counts (C,) int64, confusion (C, C) int64 (rows =
+    true label, columns = prediction), reliability (see `reliability_bins`), class_names.
+    """
+    z = _logits(logits)
+    n, num_classes = z.shape
+    y = _labels(labels, n, num_classes)
+    train_counts = np.asarray(train_counts)
+    if train_counts.shape != (num_classes,):
+        raise ValueError(f"train_counts has shape {train_counts.shape}, logits have {num_classes} classes")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+
+    topk = z.topk(min(5, num_classes), dim=1).indices  # (N, k)
+    pred = topk[:, 0]
+    correct = (pred == y).numpy()
+    y_np = y.numpy()
+    test_counts = np.bincount(y_np, minlength=num_classes).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.bincount(y_np, correct.astype(np.float64), minlength=num_classes) / test_counts * 100
+    confusion = np.bincount(y_np * num_classes + pred.numpy(), minlength=num_classes**2)
+    groups = shot_groups(train_counts)
+    bins = reliability_bins(z, y)
+    nll = (torch.logsumexp(z.double(), dim=1) - z.double().gather(1, y[:, None])[:, 0]).mean()
+    return {
+        "n": int(n),
+        "top1": float(correct.mean() * 100) if n else math.nan,
+        "top5": float((topk == y[:, None]).any(1).double().mean() * 100) if n else math.nan,
+        **{g: _group_mean(per_class, groups[g]) for g in ("many", "medium", "few")},
+        "ece": bins["ece"],
+        "mce": bins["mce"],
+        "nll": float(nll),
+        "per_class": per_class,
+        "test_counts": test_counts,
+        "confusion": confusion.reshape(num_classes, num_classes).astype(np.int64),
+        "reliability": bins,
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Known test priors (test-agnostic evaluation)
+
+
+def posthoc_adjust(logits: Tensor, train_counts: ArrayLike, test_prior: ArrayLike,
+                   trained_with: str) -> Tensor:
+    """Shift logits of a model trained for a BALANCED test set to a known test prior pi_t.
+
+    BCE-trained (bce, bal_bce): z + [log pi_t - log(1 - pi_t)] - [log(1/C) - log(1 - 1/C)];
+    CE-trained (ce, bal_ce, focal, cb_ce): z + log pi_t. `test_prior` may be counts or probabilities.
+    `train_counts` only fixes C (the formulas use the uniform prior the model was balanced for).
+    """
+    valid = BCE_TRAINED + CE_TRAINED
+    if trained_with not in valid:
+        raise ValueError(f"unknown loss '{trained_with}'; choose one of {', '.join(valid)}")
+    num_classes = len(np.asarray(train_counts))
+    pi_t = torch.as_tensor(np.asarray(test_prior, dtype=np.float64))
+    if pi_t.shape != (num_classes,) or logits.shape[-1] != num_classes:
+        raise ValueError(f"test_prior {tuple(pi_t.shape)}, train_counts ({num_classes},) and logits "
+                         f"{tuple(logits.shape)} must agree on the number of classes")
+    if (pi_t <= 0).any():
+        raise ValueError(f"test_prior: class {torch.nonzero(pi_t <= 0)[0].item()} has no mass (log 0)")
+    pi_t = pi_t / pi_t.sum()
+    if trained_with in BCE_TRAINED:
+        uniform = 1.0 / num_classes
+        shift = torch.log(pi_t) - torch.log1p(-pi_t) - (math.log(uniform) - math.log1p(-uniform))
+    else:
+        shift = torch.log(pi_t)
+    return logits + shift.to(device=logits.device, dtype=logits.dtype)
+
+
+def long_tailed_test_prior(num_classes: int, imbalance: float, reverse: bool = False) -> np.ndarray:
+    """Test prior (C,) float64 following the training profile n_i ∝ (1/imbalance)^(i/(C-1)).
+
+    Forward (class 0 largest) or, with `reverse`, backward long-tailed; imbalance 1 is uniform.
+    """
+    if num_classes < 2 or imbalance < 1:
+        raise ValueError(f"need num_classes >= 2 and imbalance >= 1, got {num_classes}, {imbalance}")
+    profile = (1.0 / imbalance) ** (np.arange(num_classes) / (num_classes - 1))
+    if reverse:
+        profile = profile[::-1]
+    return profile / profile.sum()
+
+
+def subsample_to_prior(labels: ArrayLike, prior: ArrayLike, seed: int) -> np.ndarray:
+    """Sorted indices of a subset of `labels` whose class sizes follow `prior`.
+
+    Class c keeps floor(m * prior_c / max(prior)) images, m = the smallest class size available,
+    drawn without replacement with a generator seeded by `seed`.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    prior = np.asarray(prior, dtype=np.float64)
+    available = np.bincount(labels, minlength=len(prior))
+    if len(available) != len(prior):
+        raise ValueError(f"labels reach class {len(available) - 1} but the prior has {len(prior)} classes")
+    keep = np.floor(available.min() * prior / prior.max() + 1e-9).astype(np.int64)  # 1e-9: 2.0 not 1.999
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in enumerate(keep)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and result files
+
+_HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL"}
+TABLE_KEYS = ("split", "top1", "top5", "many", "medium", "few", "ece", "mce")
+
+
+def _cell(v: object) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of `rows`; columns in first-appearance order, floats to 2 decimals, None as n/a."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |",
+             "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the folder of `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _json_scalar(v: object) -> object:
+    if isinstance(v, (np.integer, np.floating)):
+        v = v.item()
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str] | None,
+                  train_counts: ArrayLike, prefix: str = "test") -> None:
+    """Write the files of one evaluation (from `evaluate_logits`) into `run_dir`, each atomically.
+
+    <prefix>_results.json (the scalar entries, n/a as null), <prefix>_results.md (split, top1, top5,
+    many, medium, few, ECE, MCE), <prefix>_per_class.csv (class, name, train_count, shot, n_test,
+    accuracy), <prefix>_confusion.csv (rows true label, columns prediction), and the figures
+    <prefix>_per_class_accuracy.png and <prefix>_reliability.png.
+    """
+    from livt import figures  # matplotlib is only loaded when files are written
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_counts = np.asarray(train_counts)
+    names = class_names if class_names is not None else results.get("class_names")
+
+    scalars = {k: _json_scalar(v) for k, v in results.items()
+               if v is None or isinstance(v, (int, float, str, np.integer, np.floating))}
+    _write_text(run_dir / f"{prefix}_results.json", json.dumps(scalars, indent=2) + "\n")
+    row = {"split": results.get("split", prefix), **{k: results.get(k) for k in TABLE_KEYS[1:]}}
+    _write_text(run_dir / f"{prefix}_results.md", format_table([row]) + "\n")
+
+    shot = np.empty(len(train_counts), dtype=object)
+    for group, classes in shot_groups(train_counts).items():
+        shot[classes] = group
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "name", "train_count", "shot", "n_test", "accuracy"])
+    for c, acc in enumerate(results["per_class"]):
+        w.writerow([c, names[c] if names is not None else "", int(train_counts[c]), shot[c],
+                    int(results["test_counts"][c]), "" if np.isnan(acc) else f"{acc:.4f}"])
+    _write_text(run_dir / f"{prefix}_per_class.csv", buf.getvalue())
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["true\\pred", *range(len(train_counts))])
+    w.writerows([c, *counts] for c, counts in enumerate(results["confusion"].tolist()))
+    _write_text(run_dir / f"{prefix}_confusion.csv", buf.getvalue())
+
+    figures.plot_per_class_accuracy(results["per_class"], train_counts,
+                                    run_dir / f"{prefix}_per_class_accuracy.png",
+                                    title=f"{prefix}: top-1 {_cell(results.get('top1'))}%")
+    figures.plot_reliability_bins(results["reliability"], run_dir / f"{prefix}_reliability.png")
+
+
+__all__ = ["reliability_bins", "ece_mce", "evaluate_logits", "posthoc_adjust", "long_tailed_test_prior",
+           "subsample_to_prior", "format_table", "write_results", "atomic_path"]
