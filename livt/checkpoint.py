@@ -96,7 +96,9 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
             os.close(dir_fd)
 
 
-def load_file_with_meta(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_file_with_meta(
+    path: str | Path, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, meta) of a livt file; meta has format_version (int), kind, arch and the extras."""
     path = Path(path)
     if not path.is_file():
@@ -147,7 +149,7 @@ def save_model(model: nn.Module, path: str | Path, kind: str, arch: dict[str, An
     stored = arch_of(model)
     differ = {k: v for k, v in (arch or {}).items() if k in stored and stored[k] != v}
     if differ:
-        raise CheckpointError(f"save_model: the given arch disagrees with the model on "
+        raise CheckpointError("save_model: the given arch disagrees with the model on "
                               + ", ".join(f"{k}: {v} vs model {stored[k]}" for k, v in differ.items()))
     metadata = {"format_version": str(FORMAT_VERSION), "kind": kind,
                 "arch": json.dumps({**(arch or {}), **stored})}
@@ -192,7 +194,7 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
         return {**arch_of(model.encoder), "decoder_embed_dim": model.decoder_embed.out_features,
                 "decoder_depth": len(blocks), "decoder_num_heads": blocks[0].attn.num_heads}
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"arch_of: expected a VisionTransformer, an MAE or a dict, got {type(model).__name__}")
+        raise TypeError(f"arch_of: expected a VisionTransformer, MAE or dict, got {type(model).__name__}")
     depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
     return {"name": _size_name(model.embed_dim, depth, num_heads), "embed_dim": model.embed_dim,
             "depth": depth, "num_heads": num_heads, "patch_size": model.patch_embed.patch_size[0],
@@ -243,7 +245,8 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
     missing, unexpected = own - state.keys(), state.keys() - own
     if missing != HEAD_KEYS or unexpected != ENCODER_NORM_KEYS:
         problems = []
-        for label, got, allowed in (("missing", missing, HEAD_KEYS), ("unexpected", unexpected, ENCODER_NORM_KEYS)):
+        checks = (("missing", missing, HEAD_KEYS), ("unexpected", unexpected, ENCODER_NORM_KEYS))
+        for label, got, allowed in checks:
             if got - allowed:
                 problems.append(f"{label} keys not allowed: {sorted(got - allowed)}")
             if allowed - got:
@@ -252,7 +255,9 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
     return classifier.load_state_dict(state, strict=False)
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionTransformer, dict[str, Any]]:
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[VisionTransformer, dict[str, Any]]:
     """Rebuild a classifier from a 'classifier' file's arch metadata; returns (model in eval mode, meta)."""
     state, meta = load_file_with_meta(path)
     if meta["kind"] != "classifier":
@@ -330,8 +335,8 @@ def import_official(src_pth: str | Path, dst_safetensors: str | Path, kind: str)
     else:
         out = enc
     if (kind == "classifier") != (arch["num_classes"] > 0):
-        raise CheckpointError(f"{src}: kind '{kind}' but the file {'has' if arch['num_classes'] else 'lacks'} "
-                              "a classification head")
+        has = "has" if arch["num_classes"] else "lacks"
+        raise CheckpointError(f"{src}: kind '{kind}' but the file {has} a classification head")
 
     with torch.device("meta"):
         if kind == "mae":

@@ -69,7 +69,8 @@ def test_norm_pix_targets_and_zero_baseline():
     target = mae.target(imgs)  # (4, 64, 48)
     torch.testing.assert_close(target.mean(-1), torch.zeros(4, 64), atol=1e-5, rtol=0)
     torch.testing.assert_close(target.var(-1, unbiased=True), torch.ones(4, 64), atol=1e-3, rtol=0)
-    torch.testing.assert_close(target.var(-1, unbiased=False), torch.full((4, 64), 47 / 48), atol=1e-3, rtol=0)
+    biased = target.var(-1, unbiased=False)
+    torch.testing.assert_close(biased, torch.full((4, 64), 47 / 48), atol=1e-3, rtol=0)
     _, mask = mae.forward_encoder(imgs, 0.75)[:2]
     zero_loss = mae.forward_loss(imgs, torch.zeros_like(target), mask)
     assert zero_loss.item() == pytest.approx(47 / 48, abs=1e-3)  # the "about 1.0" trivial baseline
@@ -82,7 +83,8 @@ def test_every_trainable_parameter_gets_a_gradient():
     assert not mae.encoder.pos_embed.requires_grad and not mae.decoder_pos_embed.requires_grad
     loss, _, _ = mae(torch.randn(2, 3, 32, 32))
     loss.backward()
-    missing = [n for n, p in mae.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [n for n, p in mae.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing
     names = dict(mae.named_parameters())
     assert mae.no_weight_decay() <= names.keys()
@@ -109,9 +111,9 @@ def test_reconstruct_pastes_visible_and_denormalises():
     noise = torch.rand(2, 16)
     masked, pasted = mae.reconstruct(imgs, noise=noise)
     _, _, mask = mae(imgs, noise=noise)
-    keep = (mask == 0)[..., None]
-    assert torch.equal(mae.patchify(pasted)[keep.expand(-1, -1, 192)], mae.patchify(imgs)[keep.expand(-1, -1, 192)])
-    assert torch.all(mae.patchify(masked)[~keep.expand(-1, -1, 192)] == 0)
+    keep = (mask == 0)[..., None].expand(-1, -1, 192)  # (B, L, p*p*3)
+    assert torch.equal(mae.patchify(pasted)[keep], mae.patchify(imgs)[keep])
+    assert torch.all(mae.patchify(masked)[~keep] == 0)
     # a perfect norm-pix prediction de-normalises to the image itself
     mae.forward_decoder = lambda latent, ids_restore: mae.target(imgs)
     _, perfect = mae.reconstruct(imgs, noise=noise)

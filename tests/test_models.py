@@ -104,7 +104,8 @@ def test_matches_timm_on_meta_device(name):
 def test_classifier_loads_strictly_into_timm_with_same_logits():
     torch.manual_seed(0)
     ours = create_vit("vit_tiny", 224, 16, num_classes=5).eval()
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, global_pool="avg").eval()
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, global_pool="avg")
+    theirs.eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
