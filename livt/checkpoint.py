@@ -227,7 +227,7 @@ def _encoder_state(state: dict[str, torch.Tensor], kind: str, path: Path) -> dic
 
 
 def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
-    """Load a pretrained encoder (encoder or MAE file) into a fresh classifier; returns the load report.
+    """Load an encoder or MAE file into a fresh classifier; returns (missing_keys, unexpected_keys).
 
     The position embedding is interpolated when the grid differs. Only fc_norm and head may stay
     missing, only the encoder's final norm may be left over; anything else is a CheckpointError.
