@@ -17,7 +17,8 @@ from livt.data.stats import shot_groups
 from livt.metrics import ArrayLike, atomic_path, reliability_bins
 
 GROUP_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
-LABEL_INCHES = 0.3  # left margin of the reconstruction grid, for the row labels
+DPI = 100
+LABEL_PX = 30  # left margin of the reconstruction grid, for the row labels
 
 
 def _save(fig: Figure, path: str | Path) -> None:
@@ -34,7 +35,7 @@ def plot_per_class_accuracy(per_class_acc: ArrayLike, train_counts: ArrayLike, p
     counts = np.asarray(train_counts)
     order = np.argsort(-counts, kind="stable")
     x = np.arange(len(counts))
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4), dpi=DPI)  # 1000 x 400 px
     ax = fig.add_subplot()
     for group, pos in shot_groups(counts[order]).items():  # contiguous positions once sorted
         if len(pos):
@@ -60,7 +61,7 @@ def plot_reliability_bins(bins: dict, path: str | Path) -> None:
     n_bins = len(counts)
     left = np.arange(n_bins) / n_bins
     width = 1.0 / n_bins
-    fig = Figure(figsize=(5, 6), dpi=100)
+    fig = Figure(figsize=(5, 6), dpi=DPI)  # 500 x 600 px
     ax, ax_counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = counts > 0
     ax.bar(left[filled], acc[filled], width, align="edge", color="tab:blue", edgecolor="k", label="accuracy")
@@ -83,30 +84,31 @@ def plot_reliability(logits_or_probs: ArrayLike, labels: ArrayLike, path: str | 
 
 
 def plot_reconstructions(original: Tensor, masked: Tensor, reconstructed: Tensor, path: str | Path,
-                         cell_inches: float = 1.5, dpi: int = 100) -> None:
+                         cell_px: int = 150) -> None:
     """Grid with rows original / masked / reconstruction of N images, each (N, 3, H, W) in [0, 1].
 
-    Fixed layout, no tight bounding box, so the PNG size is known: width = int(dpi * (LABEL_INCHES +
-    N * cell_inches * W / H)), height = int(dpi * 3 * cell_inches). With the defaults and square
-    images: (30 + 150 N) x 450 pixels.
+    Fixed pixel layout (dpi 100, no tight bounding box): each image cell is `cell_px` high and
+    round(cell_px * W / H) wide, after a LABEL_PX (30) column of row labels, so the PNG is
+    (30 + N * round(cell_px * W / H)) x (3 * cell_px) pixels; square images, default: (30 + 150 N) x 450.
     """
     rows = {"original": original, "masked": masked, "reconstruction": reconstructed}
     shapes = {tuple(t.shape) for t in rows.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 4 or next(iter(shapes))[1] != 3:
         raise ValueError(f"expected three (N, 3, H, W) tensors of one shape, got {sorted(shapes)}")
     n, _, h, w = next(iter(shapes))
-    cell_w = cell_inches * w / h
-    fig_w, fig_h = LABEL_INCHES + n * cell_w, 3 * cell_inches
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    cell_w = round(cell_px * w / h)
+    width, height = LABEL_PX + n * cell_w, 3 * cell_px
+    # Agg truncates figsize * dpi to whole pixels; the half pixel keeps e.g. 1.15 * 100 from giving 114.
+    fig = Figure(figsize=((width + 0.5) / DPI, (height + 0.5) / DPI), dpi=DPI)
+    pad = max(1, cell_px // 50)  # white margin around each image, pixels
     for r, (name, images) in enumerate(rows.items()):
-        bottom = 1 - (r + 1) / 3
-        fig.text(LABEL_INCHES / 2 / fig_w, bottom + 1 / 6, name, rotation=90, ha="center", va="center",
-                 fontsize=8)
+        top = r * cell_px
+        fig.text(LABEL_PX / 2 / width, 1 - (top + cell_px / 2) / height, name, rotation=90, ha="center",
+                 va="center", fontsize=8)
         for i, img in enumerate(images.detach().float().clamp(0, 1).cpu()):
-            pad = 0.03 * cell_inches  # white margin around each image, inches
-            left = (LABEL_INCHES + i * cell_w + pad) / fig_w
-            ax = fig.add_axes((left, bottom + pad / fig_h, (cell_w - 2 * pad) / fig_w,
-                               (cell_inches - 2 * pad) / fig_h))  # figure fractions
+            left = LABEL_PX + i * cell_w
+            ax = fig.add_axes(((left + pad) / width, 1 - (top + cell_px - pad) / height,  # figure fractions
+                               (cell_w - 2 * pad) / width, (cell_px - 2 * pad) / height))
             ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")  # (H, W, 3)
             ax.set_axis_off()
     _save(fig, path)

@@ -95,7 +95,8 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
     Keys: n, top1, top5 (k = min(5, C)), many / medium / few (mean per-class accuracy of the shot group
     by training count, None when empty), ece, mce (percent), nll (mean, nats), per_class (C,) float
     (NaN for classes absent from the test set), test_counts (C,) int64, confusion (C, C) int64 (rows =
-    true label, columns = prediction), reliability (see `reliability_bins`), class_names.
+    true label, columns = prediction), reliability (see `reliability_bins`), class_names (list;
+    "0", "1", ... when not given).
     """
     z = _logits(logits)
     n, num_classes = z.shape
@@ -129,7 +130,7 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
         "test_counts": test_counts,
         "confusion": confusion.reshape(num_classes, num_classes).astype(np.int64),
         "reliability": bins,
-        "class_names": list(class_names) if class_names is not None else None,
+        "class_names": list(class_names) if class_names is not None else [str(c) for c in range(num_classes)],
     }
 
 
@@ -209,9 +210,14 @@ def _cell(v: object) -> str:
     return str(v)
 
 
+def _is_scalar(v: object) -> bool:
+    return v is None or isinstance(v, (int, float, str, np.integer, np.floating))
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of `rows`; columns in first-appearance order, floats to 2 decimals, None as n/a."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    """Markdown table of `rows`; columns in first-appearance order, floats to 2 decimals, None/NaN as
+    n/a. Non-scalar entries (arrays, lists, dicts, e.g. an `evaluate_logits` result's) are left out."""
+    keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if _is_scalar(v)))
     lines = ["| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |",
              "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
@@ -257,10 +263,9 @@ def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_counts = np.asarray(train_counts)
-    names = class_names if class_names is not None else results.get("class_names")
+    names = class_names if class_names is not None else results["class_names"]
 
-    scalars = {k: _json_scalar(v) for k, v in results.items()
-               if v is None or isinstance(v, (int, float, str, np.integer, np.floating))}
+    scalars = {k: _json_scalar(v) for k, v in results.items() if _is_scalar(v)}
     _write_text(run_dir / f"{prefix}_results.json", json.dumps(scalars, indent=2) + "\n")
     row = {"split": results.get("split", prefix), **{k: results.get(k) for k in TABLE_KEYS[1:]}}
     _write_text(run_dir / f"{prefix}_results.md", format_table([row]) + "\n")
@@ -272,7 +277,7 @@ def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["class", "name", "train_count", "shot", "n_test", "accuracy"])
     for c, acc in enumerate(results["per_class"]):
-        w.writerow([c, names[c] if names is not None else "", int(train_counts[c]), shot[c],
+        w.writerow([c, names[c], int(train_counts[c]), shot[c],
                     int(results["test_counts"][c]), "" if np.isnan(acc) else f"{acc:.4f}"])
     _write_text(run_dir / f"{prefix}_per_class.csv", buf.getvalue())
 
