@@ -135,7 +135,7 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     name: str = "bal_bce"
-    """loss: ce | bce | bal_ce | bal_bce | focal | cb_ce | ldam_drw"""
+    """loss: ce | bce | bal_ce | bal_bce | focal | cb_ce"""
     tau: float = 1.0
     """scale of the logit bias (Bal-CE, Bal-BCE)"""
     bias: str = "eq10"
