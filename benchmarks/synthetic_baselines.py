@@ -36,7 +36,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
     i, j = torch.randint(0, 9, (2,), generator=g).tolist()
     x = pad[:, :, i:i + h, j:j + w]
-    flip = torch.rand(n, generator=g) < 0.5
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -70,7 +70,7 @@ def per_class_accuracy(model, x, y, num_classes, device, bs=500) -> np.ndarray:
 def train(name, train_ds, test, epochs, device, seed=0, bs=128):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, y = tensors(train_ds)
+    x, y = (t.to(device) for t in tensors(train_ds))
     model = make_model(name, train_ds.num_classes, x.shape[-1]).to(device)
     lr, wd = (1e-3, 1e-4) if name == "linear" else (2e-3 if name == "cnn" else 1e-3, 0.05)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
@@ -78,12 +78,12 @@ def train(name, train_ds, test, epochs, device, seed=0, bs=128):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t0, step = time.time(), 0
     while step < steps:
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(x), generator=g).to(device)
         for b in range(len(x) // bs or 1):
             idx = perm[b * bs:(b + 1) * bs]
             xb = x[idx] if name == "linear" else augment(x[idx], g)
             model.train()
-            loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
+            loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -105,7 +105,6 @@ def main() -> None:
     ap.add_argument("--num_classes", type=int, default=10)
     ap.add_argument("--max_per_class", type=int, default=500)
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
 
     base = DataConfig(dataset="synthetic", num_classes=args.num_classes, max_per_class=args.max_per_class)
     t = time.time()

@@ -3,8 +3,8 @@
 Each class is a composition of 2-3 primitive shapes (disk, ring, cross, triangle, hollow square, striped
 square, bar, checker) in a class-specific layout: which primitives, where each sits relative to the
 others, its size and its orientation. The class table is fixed by the number of classes alone; the
-samples depend on `subset_seed`. Every image shows one object under a random pose (rotation +-60
-degrees, scale 0.8-1.2, translation up to a fifth of the image), each part in its own random colour,
+samples depend on `subset_seed`. Every image shows one object under a random pose (rotation +-30
+degrees, scale 0.8-1.2, translation up to an eighth of the image), each part in its own random colour,
 over a cluttered background (a random base colour, a colour grating and low-frequency colour noise),
 with up to two distractor primitives, and pixel noise. Colours are drawn independently of the class, and
 foreground and background colours have the same distribution, so the mean colour of an image carries no
@@ -31,8 +31,10 @@ from livt.data.splits import ArrayDataset
 
 PRIMITIVES = ("disk", "ring", "cross", "triangle", "frame", "stripes", "bar", "checker")
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-ROTATION = np.pi / 3  # object pose: uniform in +-ROTATION
-PART_RADIUS = 0.12  # of the image side, at object scale 1
+ROTATION = np.pi / 6  # object pose: uniform in +-ROTATION
+PART_RADIUS = 0.16  # of the image side, at object scale 1
+LAYOUT_EXTENT = 2.6  # the parts of an object lie within this many part radii of its centre
+TRANSLATION = 0.12  # object centre: uniform in +-TRANSLATION * image side
 DISTRACTOR_PROB = 0.5  # per distractor slot (two slots)
 NOISE_STD = 0.03  # pixel noise, on the 0-1 scale
 GRID = 4  # low-frequency background noise: a GRID x GRID colour field, upsampled
@@ -80,10 +82,12 @@ class ClassTable:
         """Part centres (in part radii) around the object centre; parts touch at most lightly."""
         k = len(sizes)
         while True:
-            pts = rng.uniform(-1.8, 1.8, (k, 2))
+            pts = rng.uniform(-LAYOUT_EXTENT, LAYOUT_EXTENT, (k, 2))
+            pts -= pts.mean(0)
             gap = np.linalg.norm(pts[:, None] - pts[None], axis=-1) - 0.9 * (sizes[:, None] + sizes[None])
-            if np.all(gap[~np.eye(k, dtype=bool)] > 0.1):
-                return pts - pts.mean(0)
+            reach = np.linalg.norm(pts, axis=1) + sizes
+            if np.all(gap[~np.eye(k, dtype=bool)] > 0.1) and reach.max() <= LAYOUT_EXTENT:
+                return pts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def _draw_layers(classes: np.ndarray, u: np.ndarray, table: ClassTable, size: in
     bg = np.stack([col(), col(), col()], 1)
     bg2 = np.stack([col(), col(), col()], 1)
     grating = dict(angle=col() * np.pi, freq=0.15 + 0.35 * col(), phase=col() * 2 * np.pi, amp=0.25 * col())
-    centre = (np.stack([col(), col()], 1) - 0.5) * 0.4 * size
+    centre = (np.stack([col(), col()], 1) - 0.5) * 2 * TRANSLATION * size
     theta = (col() - 0.5) * 2 * ROTATION
     scale = 0.8 + 0.4 * col()
     unit = PART_RADIUS * size * scale  # (n,) pixels per part radius
