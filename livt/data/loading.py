@@ -1,0 +1,99 @@
+"""Per-sample seeded augmentation, the collate function that drops skipped images, and the DataLoader.
+
+`Augmented` draws each sample's augmentation from a seed derived from (seed, epoch, index), so a sample
+looks the same whatever worker loads it and whatever the number of workers: training is reproducible
+and resumable mid-epoch. What stays nondeterministic: nothing on the CPU path; bicubic resampling may
+differ across Pillow versions.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from livt.data.errors import ImageReadError
+from livt.data.splits import LTDataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> tuple[int, np.ndarray, int]:
+    """Seeds (python random, numpy legacy, torch) of one sample."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(5, np.uint32)
+    return int(state[0]), state[1:3], int(state[3]) | (int(state[4]) << 32)
+
+
+class Augmented(torch.utils.data.Dataset):
+    """`dataset` seen through a random `transform`: item (epoch, index) -> (image (3, H, W), label, index).
+
+    The python, numpy and torch CPU random states are seeded per sample and restored afterwards, so
+    loading in the main process (num_workers=0) does not disturb its random streams. With
+    `skip_bad_images` an unreadable image gives None (and a warning naming the file); `collate` drops it.
+    """
+
+    def __init__(self, dataset: LTDataset, transform: Callable, seed: int = 0, skip_bad_images: bool = False):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
+        epoch, index = item
+        try:
+            img, label = self.dataset.load(index)
+        except ImageReadError as e:
+            if not self.skip_bad_images:
+                raise
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+            return None
+        py_seed, np_seed, torch_seed = sample_seed(self.seed, epoch, index)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(py_seed)
+            np.random.seed(np_seed)
+            torch.random.default_generator.manual_seed(torch_seed)  # CPU only: leave CUDA streams alone
+            x = self.transform(img)
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+        return x, label, index
+
+
+def collate(batch: list[tuple[torch.Tensor, int, int] | None]):
+    """-> (images (B, 3, H, W) float, labels (B,) int64, indices (B,) int64, n_skipped).
+
+    B counts only the readable samples; if none is, images is an empty (0, 3, 0, 0) tensor.
+    """
+    kept = [b for b in batch if b is not None]
+    n_skipped = len(batch) - len(kept)
+    if not kept:
+        return (torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                n_skipped)
+    images = torch.stack([b[0] for b in kept])
+    labels = torch.tensor([b[1] for b in kept], dtype=torch.int64)
+    indices = torch.tensor([b[2] for b in kept], dtype=torch.int64)
+    return images, labels, indices, n_skipped
+
+
+def _worker_init(worker_id: int) -> None:
+    # Augmented seeds every sample itself; only keep the workers from oversubscribing the cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int,
+                pin_memory: bool | None = None, prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over `sampler` (which yields (epoch, index)) with `collate`.
+
+    It owns a private generator so that creating iterators does not consume the global torch RNG.
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False,
+        persistent_workers=False, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0),
+        prefetch_factor=prefetch_factor if num_workers > 0 else None)
