@@ -113,7 +113,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
                        drop_path_rate=cfg.model.drop_path_rate, global_pool="avg")
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
-        check_pretrained_matches(meta, train.name, counts, cfg.pretrained)
+        check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained)
         load_encoder(model, cfg.pretrained)
     loss_fn = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
@@ -129,7 +129,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
                              train.num_classes, forward)
     engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
                         world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
-    meta = dict(config=config_lib.to_dict(cfg), dataset=train.name, class_counts=counts.tolist(),
+    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names)
     best_path = run_dir / "classifier.safetensors"
 

@@ -84,7 +84,7 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
 
     if accelerator.is_main_process:
         mae = trainer.unwrapped
-        meta = dict(config=config_lib.to_dict(cfg), dataset=train.name, class_counts=counts.tolist(),
+        meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                     class_names=train.class_names)
         save_model(mae.encoder, run_dir / "encoder.safetensors", "encoder", arch_of(mae.encoder), **meta)
         save_model(mae, run_dir / "mae.safetensors", "mae", arch_of(mae.encoder), **meta)

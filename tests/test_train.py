@@ -1,0 +1,108 @@
+"""End-to-end runs of both entry points on the tiny preset, in temporary directories."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from livt import finetune, pretrain
+from livt.checkpoint import load_file_with_meta
+from livt.engine import RunDirError
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_pretrain(out, *extra):
+    return pretrain.main(["--data", "tiny", "--output_dir", str(out), "--run_name", "mgp", *extra])
+
+
+def run_finetune(out, *extra):
+    return finetune.main(["--data", "tiny", "--output_dir", str(out), "--run_name", "bft", *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    run_dir = run_pretrain(out)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return run_dir
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_outputs(pretrained):
+    state, meta = load_file_with_meta(pretrained / "encoder.safetensors")
+    assert meta["kind"] == "encoder" and meta["dataset"] == "synthetic"
+    assert meta["config"]["model"]["name"] == "vit_micro" and len(meta["class_counts"]) == 5
+    assert "norm.weight" in state and not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    full, full_meta = load_file_with_meta(pretrained / "mae.safetensors")
+    assert full_meta["kind"] == "mae" and any(k.startswith("decoder") for k in full)
+    rows = [r for r in read_metrics(pretrained) if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    resolved = (pretrained / "config.yaml").read_text()
+    assert "lr: 9.375e-06" in resolved  # blr 1.5e-4 x 16 / 256, recorded once
+    pngs = sorted(pretrained.glob("reconstruction_epoch*.png"))
+    assert [p.name for p in pngs] == ["reconstruction_epoch0001.png", "reconstruction_epoch0002.png"]
+    with Image.open(pngs[-1]) as im:
+        assert im.format == "PNG" and im.size == (1230, 450)  # 30 + 8 images x 150 px, 3 rows of 150 px
+    assert len(list((pretrained / "state").glob("step_*"))) == 2  # keep_last
+
+
+def test_finetune_from_pretraining_and_eval_only(pretrained, tmp_path):
+    run_dir = run_finetune(tmp_path, "--pretrained", str(pretrained / "encoder.safetensors"))
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["n"] == 5 * 20 and 0 <= results["top1"] <= 100
+    assert results["many"] is None  # tiny has no class above 100 images: "n/a", never 0
+    assert "n/a" in (run_dir / "test_results.md").read_text()
+    for name in ("classifier.safetensors", "classifier_last.safetensors", "test_per_class.csv"):
+        assert (run_dir / name).is_file()
+    assert len(list(run_dir.glob("*.png"))) == 2
+    AcceleratorState._reset_state(reset_partial_state=True)
+    again = finetune.main(["--data", "tiny", "--output_dir", str(tmp_path), "--run_name", "eval",
+                           "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors")])
+    assert json.loads((again / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
+
+
+def test_finetune_needs_a_start(tmp_path):
+    from livt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--pretrained"):
+        run_finetune(tmp_path)
+
+
+def test_run_dir_holding_another_run_is_refused(tmp_path):
+    run_finetune(tmp_path, "--from_scratch", "--optim.epochs", "1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(RunDirError, match="already holds this run.*--resume auto"):
+        run_finetune(tmp_path, "--from_scratch", "--optim.epochs", "1")
+    with pytest.raises(RunDirError, match="holds a different run.*optim.blr"):
+        run_finetune(tmp_path, "--from_scratch", "--optim.epochs", "1", "--optim.blr", "5e-3")
+    # Nothing of the first run was lost by the refusals.
+    assert (tmp_path / "bft" / "classifier.safetensors").is_file()
+
+
+def test_transferred_encoder_tensors_are_equal(pretrained, tmp_path):
+    from livt.checkpoint import load_encoder
+    from livt.models.vit import create_vit
+
+    encoder, _ = load_file_with_meta(pretrained / "encoder.safetensors")
+    model = create_vit("vit_micro", 32, 8, num_classes=5, global_pool="avg")
+    load_encoder(model, pretrained / "encoder.safetensors")
+    sd = model.state_dict()
+    for k, v in encoder.items():
+        if k != "norm.weight" and k != "norm.bias":
+            assert torch.equal(sd[k], v), k
+    assert np.allclose(sd["fc_norm.weight"].numpy(), 1.0)
