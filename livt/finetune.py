@@ -106,7 +106,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     d = cfg.data
     train = build_dataset(d, "train")
     counts = class_counts(train.targets, train.num_classes)
-    accelerator.print(describe(counts, f"{train.name} train"))
+    accelerator.print(describe(counts, train.name))
 
     torch.manual_seed(cfg.seed)
     model = create_vit(cfg.model.name, d.img_size, cfg.model.patch_size, num_classes=train.num_classes,

@@ -52,7 +52,7 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     d = cfg.data
     train = build_dataset(d, "train")
     counts = class_counts(train.targets, train.num_classes)
-    accelerator.print(describe(counts, f"{train.name} train"))
+    accelerator.print(describe(counts, train.name))
 
     model = create_mae(cfg.model, cfg.mae, d.img_size)
     num_patches = (d.img_size // cfg.model.patch_size) ** 2
