@@ -81,13 +81,15 @@ class ClassTable:
     def _layout(rng: np.random.Generator, sizes: np.ndarray) -> np.ndarray:
         """Part centres (in part radii) around the object centre; parts touch at most lightly."""
         k = len(sizes)
-        while True:
-            pts = rng.uniform(-LAYOUT_EXTENT, LAYOUT_EXTENT, (k, 2))
-            pts -= pts.mean(0)
-            gap = np.linalg.norm(pts[:, None] - pts[None], axis=-1) - 0.9 * (sizes[:, None] + sizes[None])
-            reach = np.linalg.norm(pts, axis=1) + sizes
-            if np.all(gap[~np.eye(k, dtype=bool)] > 0.1) and reach.max() <= LAYOUT_EXTENT:
-                return pts
+        while True:  # rejection sampling, 1024 candidate layouts at a time
+            pts = rng.uniform(-LAYOUT_EXTENT, LAYOUT_EXTENT, (1024, k, 2))
+            pts -= pts.mean(1, keepdims=True)
+            gap = np.linalg.norm(pts[:, :, None] - pts[:, None], axis=-1) - 0.9 * (sizes[:, None] + sizes[None])
+            gap[:, np.eye(k, dtype=bool)] = np.inf
+            reach = np.linalg.norm(pts, axis=-1) + sizes
+            ok = (gap.min((1, 2)) > 0.1) & (reach.max(1) <= LAYOUT_EXTENT)
+            if ok.any():
+                return pts[np.argmax(ok)]
 
 
 # ---------------------------------------------------------------------------------------------
