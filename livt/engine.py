@@ -336,7 +336,7 @@ class Trainer:
                 loss = self.forward(self.model, images, labels, indices, state.step)
             acc.backward(loss / plan.accum)
             total += loss.detach().float() / plan.accum
-            if cfg.debug_kill_at_step == state.step + 1 and micro == plan.accum // 2:
+            if cfg.debug_kill_at_step == state.step + 1 and micro == (plan.accum - 1) // 2:
                 os.kill(os.getpid(), signal.SIGKILL)  # test switch: die mid-accumulation
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or math.inf)
         fp16 = acc.mixed_precision == "fp16"  # the grad scaler skips inf/nan gradient steps itself
