@@ -120,7 +120,7 @@ def main() -> None:
     full_steps = args.epochs * (len(sets["bal500"]) // 128)
     c = args.num_classes
     head, tail = slice(0, max(c * 3 // 10, 1)), slice(c - max(c * 3 // 10, 1), c)
-    print(f"| model | train set | images | epochs | test acc | head acc | tail acc | seconds |")
+    print("| model | train set | images | epochs | test acc | head acc | tail acc | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for key in args.sets.split(","):

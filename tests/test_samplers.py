@@ -86,7 +86,8 @@ def test_shards_concatenate_to_the_single_process_global_batches(kind):
             s.set_epoch(epoch)
         glob = [i for _, i in single]
         mine = [[i for _, i in s] for s in ranks]
-        assert len(glob) == 24 * 21 and all(len(m) == len(s) == 24 * 7 for m, s in zip(mine, ranks))
+        assert len(glob) == 24 * 21
+        assert all(len(m) == len(s) == 24 * 7 for m, s in zip(mine, ranks, strict=True))
         rebuilt = [i for b in range(24) for m in mine for i in m[b * batch:(b + 1) * batch]]
         assert rebuilt == glob
         if kind == "instance":

@@ -62,7 +62,8 @@ def train_class_counts(cfg: DataConfig) -> np.ndarray:
     path = resolve(cfg, cfg.class_counts_file) if (cfg.split_dir or cfg.root) else cfg.class_counts_file
     counts = read_class_counts(path)
     if len(counts) != cfg.num_classes:
-        raise DataError(f"{path}: counts for {len(counts)} classes, but data.num_classes is {cfg.num_classes}")
+        raise DataError(f"{path}: counts for {len(counts)} classes, but data.num_classes is "
+                        f"{cfg.num_classes}")
     check_no_empty_class(counts, str(path))
     return counts
 

@@ -87,7 +87,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int,
-                pin_memory: bool | None = None, prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
+                pin_memory: bool | None = None,
+                prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over `sampler` (which yields (epoch, index)) with `collate`.
 
     It owns a private generator so that creating iterators does not consume the global torch RNG.

@@ -118,15 +118,17 @@ def read_split_file(path: str | Path) -> tuple[list[str], np.ndarray]:
     return paths, labels
 
 
-def _parse_inat_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The official iNaturalist json: paths, labels and image ids (the 'line' of a sample)."""
+def _parse_inat_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[int, str]]:
+    """The official iNaturalist json: paths, labels, image ids (the 'line' of a sample) and the
+    category names by id."""
     if not path.is_file():
         raise MissingDataError(f"split file not found: {path}")
     try:
         data = json.loads(path.read_text())
         images = {im["id"]: im["file_name"] for im in data["images"]}
         anns = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        categories = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SplitFormatError(f"{path}: not an iNaturalist json with 'images' (id, file_name) and "
                                f"'annotations' (image_id, category_id): {e!r}") from None
     paths, labels, ids = [], [], []
@@ -144,12 +146,13 @@ def _parse_inat_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         ids.append(image_id)
     if not paths:
         raise SplitFormatError(f"{path}: no annotations")
-    return paths, np.array(labels, dtype=np.int64), np.array(ids, dtype=np.int64)
+    return paths, np.array(labels, dtype=np.int64), np.array(ids, dtype=np.int64), categories
 
 
 class SplitFileDataset(LTDataset):
     """Images listed in a split file (`relative/path label` lines, or an iNaturalist `.json`) under `root`.
 
+    Class names: `class_names`, else the json's categories when they cover every class, else 'class_N'.
     Checks up front that `root` exists, that the list parses and that labels lie in [0, num_classes).
     """
 
@@ -160,8 +163,11 @@ class SplitFileDataset(LTDataset):
         if not self.root.is_dir():
             raise MissingDataError(f"image root not found: {self.root} (set --data.root)")
         self._json = self.split_file.suffix == ".json"
-        parse = _parse_inat_json if self._json else _parse_split_file
-        paths, labels, origins = parse(self.split_file)
+        categories: dict[int, str] = {}
+        if self._json:
+            paths, labels, origins, categories = _parse_inat_json(self.split_file)
+        else:
+            paths, labels, origins = _parse_split_file(self.split_file)
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if len(bad):
             i = bad[0]
@@ -174,7 +180,10 @@ class SplitFileDataset(LTDataset):
         self.targets = labels
         self._origins = origins
         self.num_classes = num_classes
-        self.class_names = class_names or [f"class_{c:0{len(str(num_classes - 1))}d}" for c in range(num_classes)]
+        if class_names is None and set(categories) == set(range(num_classes)):
+            class_names = [categories[c] for c in range(num_classes)]
+        width = len(str(num_classes - 1))
+        self.class_names = class_names or [f"class_{c:0{width}d}" for c in range(num_classes)]
         self.name = name or self.split_file.stem
 
     def keep(self, indices: np.ndarray) -> None:
@@ -212,7 +221,8 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
     for lineno, line in _read_lines(path):
         parts = line.split(None, 1)
         if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) in names:
-            raise SplitFormatError(f"{path}:{lineno}: expected '<label> <name>' with a new label, got {line!r}")
+            raise SplitFormatError(
+                f"{path}:{lineno}: expected '<label> <name>' with a new label, got {line!r}")
         names[int(parts[0])] = parts[1]
     if sorted(names) != list(range(num_classes)):
         raise SplitFormatError(f"{path}: expected names for labels 0..{num_classes - 1}, "
@@ -273,11 +283,7 @@ def split_file(cfg: DataConfig, split: str, files: dict[str, str]) -> Path:
 
 def _class_names(cfg: DataConfig, files: dict[str, str], listing: Path) -> list[str] | None:
     if listing.suffix == ".json":
-        try:
-            cats = {c["id"]: str(c["name"]) for c in json.loads(listing.read_text()).get("categories", [])}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            return None
-        return [cats[c] for c in range(cfg.num_classes)] if set(cats) == set(range(cfg.num_classes)) else None
+        return None  # the json's own categories
     names = split_dir(cfg) / files["names"] if files["names"] else None
     return read_class_names(names, cfg.num_classes) if names is not None and names.is_file() else None
 
@@ -302,8 +308,9 @@ def build_imagenet_bal(cfg: DataConfig, split: str) -> SplitFileDataset:
         return SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
                                 name=f"imagenet_bal_{split}")
     if not cfg.train_file:
-        raise MissingDataError("imagenet_bal: set --data.train_file to a list of the full ImageNet train set "
-                               "('train/<wnid>/<file>.JPEG label' per line); the balanced subset is drawn from it")
+        raise MissingDataError(
+            "imagenet_bal: set --data.train_file to a list of the full ImageNet train set "
+            "('train/<wnid>/<file>.JPEG label' per line); the balanced subset is drawn from it")
     listing = resolve(cfg, cfg.train_file)
     ds = SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
                           name="imagenet_bal_train")

@@ -60,7 +60,7 @@ class ClassTable:
         for x in order:
             rng.shuffle(x)
         # interleave pairs and triples so that any C mixes 2- and 3-part classes
-        combos = [c for pt in zip(order[0], order[1][: len(order[0])]) for c in pt]
+        combos = [c for pt in zip(order[0], order[1][: len(order[0])], strict=True) for c in pt]
         combos += list(order[1][len(order[0]):]) + list(order[2])
         while len(combos) < num_classes:  # beyond 156 classes: same multisets, new layouts
             combos += combos[: num_classes - len(combos)]
@@ -84,7 +84,8 @@ class ClassTable:
         while True:  # rejection sampling, 1024 candidate layouts at a time
             pts = rng.uniform(-LAYOUT_EXTENT, LAYOUT_EXTENT, (1024, k, 2))
             pts -= pts.mean(1, keepdims=True)
-            gap = np.linalg.norm(pts[:, :, None] - pts[:, None], axis=-1) - 0.9 * (sizes[:, None] + sizes[None])
+            dist = np.linalg.norm(pts[:, :, None] - pts[:, None], axis=-1)  # (1024, k, k)
+            gap = dist - 0.9 * (sizes[:, None] + sizes[None])
             gap[:, np.eye(k, dtype=bool)] = np.inf
             reach = np.linalg.norm(pts, axis=-1) + sizes
             ok = (gap.min((1, 2)) > 0.1) & (reach.max(1) <= LAYOUT_EXTENT)
