@@ -249,6 +249,21 @@ def test_malformed_split_line(tree, line):
     assert f"{tmp / 'bad.txt'}:2:" in str(e.value) and repr(line) in str(e.value)
 
 
+@pytest.mark.parametrize("label", [str(2**63), "9" * 5000, "\u00b2"])
+def test_label_not_an_int64_is_a_format_error(tmp_path, label):
+    (tmp_path / "s.txt").write_text(f"a.png 0\nb.png {label}\n")
+    with pytest.raises(SplitFormatError, match=re.escape(f"{tmp_path / 's.txt'}:2: ")):
+        read_split_file(tmp_path / "s.txt")
+    (tmp_path / "s.txt").write_text(f"a.png 0\nb.png {2**63 - 1}\n")
+    assert read_split_file(tmp_path / "s.txt")[1].tolist() == [0, 2**63 - 1]
+
+
+def test_line_numbers_count_newlines_only(tmp_path):
+    (tmp_path / "s.txt").write_bytes("a\x0c.png 1\r\nb\u2028c.png 2\nd.png x\n".encode())
+    with pytest.raises(SplitFormatError, match=re.escape(f"{tmp_path / 's.txt'}:3: ")):
+        read_split_file(tmp_path / "s.txt")
+
+
 def test_label_out_of_range(tree):
     cfg, tmp = tree
     (tmp / "bad.txt").write_text("train/c0/0.png 0\ntrain/c1/0.png 1\ntrain/c2/0.png 3\n")

@@ -85,14 +85,27 @@ def open_image(path: str | Path, origin: str = "") -> Image.Image:
         raise ImageReadError(f"{path}: cannot decode image{where}: {e}") from None
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _label(text: str) -> int | None:
+    """A non-negative ASCII integer that fits int64, else None."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 19:
+        return None
+    value = int(text)
+    return value if value <= INT64_MAX else None
+
+
 def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines. Lines end at '\n' only (as for editors and
+    `wc -l`; str.splitlines would also break at form feeds and Unicode separators)."""
     if not path.is_file():
         raise MissingDataError(f"split file not found: {path}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise SplitFormatError(f"{path}: not a text file ({e})") from None
-    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        raise SplitFormatError(f"{path}: not a UTF-8 text file ({e})") from None
+    return [(n, ln.strip()) for n, ln in enumerate(text.split("\n"), 1) if ln.strip()]
 
 
 def _parse_split_file(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -101,11 +114,12 @@ def _parse_split_file(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     for lineno, line in _read_lines(path):
         # split on the last whitespace so that a path may contain spaces
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].isdigit() or not parts[1].isascii():
+        label = _label(parts[1]) if len(parts) == 2 else None
+        if label is None:
             raise SplitFormatError(
                 f"{path}:{lineno}: expected '<relative/path> <non-negative integer label>', got {line!r}")
         paths.append(parts[0])
-        labels.append(int(parts[1]))
+        labels.append(label)
         linenos.append(lineno)
     if not paths:
         raise SplitFormatError(f"{path}: no samples in split file")
@@ -124,29 +138,30 @@ def _parse_inat_json(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dic
     if not path.is_file():
         raise MissingDataError(f"split file not found: {path}")
     try:
-        data = json.loads(path.read_text())
-        images = {im["id"]: im["file_name"] for im in data["images"]}
-        anns = data["annotations"]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images = {im["id"]: str(im["file_name"]) for im in data["images"]}
+        anns = list(data["annotations"])
         categories = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SplitFormatError(f"{path}: not an iNaturalist json with 'images' (id, file_name) and "
                                f"'annotations' (image_id, category_id): {e!r}") from None
     paths, labels, ids = [], [], []
     for k, ann in enumerate(anns):
         try:
             image_id, label = ann["image_id"], ann["category_id"]
+            known = image_id in images
         except (KeyError, TypeError):
             raise SplitFormatError(f"{path}: annotation {k} lacks image_id/category_id: {ann!r}") from None
-        if image_id not in images:
-            raise SplitFormatError(f"{path}: annotation {k} refers to unknown image id {image_id}")
-        if not isinstance(label, int) or label < 0:
+        if not known:
+            raise SplitFormatError(f"{path}: annotation {k} refers to unknown image id {image_id!r}")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= INT64_MAX:
             raise SplitFormatError(f"{path}: annotation {k} (image id {image_id}): bad category_id {label!r}")
         paths.append(images[image_id])
         labels.append(label)
         ids.append(image_id)
     if not paths:
         raise SplitFormatError(f"{path}: no annotations")
-    return paths, np.array(labels, dtype=np.int64), np.array(ids, dtype=np.int64), categories
+    return paths, np.array(labels, dtype=np.int64), np.array(ids, dtype=object), categories
 
 
 class SplitFileDataset(LTDataset):
@@ -191,12 +206,12 @@ class SplitFileDataset(LTDataset):
         self.paths = [self.paths[i] for i in indices]
         self.targets, self._origins = self.targets[indices], self._origins[indices]
 
-    def _origin(self, o: int) -> str:
+    def _origin(self, o: object) -> str:
         return f"{self.split_file} (image id {o})" if self._json else f"{self.split_file}:{o}"
 
     def origin(self, index: int) -> str:
         """Where sample `index` is listed: 'file:line' (or 'file (image id N)')."""
-        return self._origin(int(self._origins[index]))
+        return self._origin(self._origins[index])
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         return open_image(self.root / self.paths[index], self.origin(index)), int(self.targets[index])
@@ -220,10 +235,11 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
     names: dict[int, str] = {}
     for lineno, line in _read_lines(path):
         parts = line.split(None, 1)
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) in names:
+        label = _label(parts[0]) if len(parts) == 2 else None
+        if label is None or label in names:
             raise SplitFormatError(
                 f"{path}:{lineno}: expected '<label> <name>' with a new label, got {line!r}")
-        names[int(parts[0])] = parts[1]
+        names[label] = parts[1]
     if sorted(names) != list(range(num_classes)):
         raise SplitFormatError(f"{path}: expected names for labels 0..{num_classes - 1}, "
                                f"got {len(names)} labels (is data.num_classes={num_classes} right?)")
