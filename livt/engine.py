@@ -113,6 +113,14 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
     return run_dir
 
 
+def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
+    """The accelerator and run directory of a run, with every RNG seeded from `cfg.seed`."""
+    accelerator = make_accelerator(cfg.precision)
+    run_dir = prepare_run_dir(cfg, stage, accelerator)
+    seed_step(cfg.seed, -1, 0)  # model initialisation: the same on every process
+    return accelerator, run_dir
+
+
 def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: Any) -> None:
     if accelerator.is_main_process:
         config_lib.save(cfg, run_dir / "config.yaml", config_hash=config_lib.config_hash(cfg),
@@ -122,7 +130,7 @@ def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: A
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed every global RNG from (seed, step, rank): drop path, masking and mixup become functions
     of the step, independent of what ran before (the key to exact resume)."""
-    s = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    s = int(np.random.SeedSequence([seed, step + 1, rank]).generate_state(1)[0])
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
@@ -244,7 +252,6 @@ class Trainer:
             total_epochs=cfg.optim.epochs)
         self.plan = Plan.make(cfg.optim, cfg.data.batch_size, accelerator.num_processes,
                               self.sampler.batches_per_epoch)
-        torch.manual_seed(cfg.seed)
         model.to(accelerator.device)
         optimizer = build_optimizer(model, self.plan.lr, cfg.optim.weight_decay, cfg.optim.betas,
                                     cfg.optim.layer_decay)

@@ -101,14 +101,12 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
-    accelerator = engine.make_accelerator(cfg.precision)
-    run_dir = engine.prepare_run_dir(cfg, "finetune", accelerator)
+    accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train = build_dataset(d, "train")
     counts = class_counts(train.targets, train.num_classes)
     accelerator.print(describe(counts, train.name))
 
-    torch.manual_seed(cfg.seed)
     model = create_vit(cfg.model.name, d.img_size, cfg.model.patch_size, num_classes=train.num_classes,
                        drop_path_rate=cfg.model.drop_path_rate, global_pool="avg")
     if cfg.pretrained:
@@ -177,8 +175,7 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
     from `data.class_counts_file`."""
     if not cfg.checkpoint:
         raise config_lib.ConfigError("--eval_only needs --checkpoint FILE.safetensors")
-    accelerator = engine.make_accelerator(cfg.precision)
-    run_dir = engine.prepare_run_dir(cfg, "eval", accelerator)
+    accelerator, run_dir = engine.start(cfg, "eval")
     model, meta = load_classifier(cfg.checkpoint)
     model.to(accelerator.device)
     counts = train_class_counts(cfg.data)

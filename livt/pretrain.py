@@ -47,8 +47,7 @@ def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tupl
 
 
 def run(cfg: config_lib.PretrainConfig) -> Path:
-    accelerator = engine.make_accelerator(cfg.precision)
-    run_dir = engine.prepare_run_dir(cfg, "pretrain", accelerator)
+    accelerator, run_dir = engine.start(cfg, "pretrain")
     d = cfg.data
     train = build_dataset(d, "train")
     counts = class_counts(train.targets, train.num_classes)

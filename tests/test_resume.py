@@ -1,0 +1,127 @@
+"""Reliability: a run killed (real SIGKILL) and resumed equals the uninterrupted run, bitwise on CPU;
+SIGTERM saves and exits cleanly; non-finite steps are skipped and, repeated, stop the run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+# Tiny preset, 16 images per micro-batch, 2 micro-batches per optimizer step (accumulation),
+# 2 optimizer steps per epoch, a training state after every step, one DataLoader worker.
+COMMON = ["--data", "tiny", "--run_name", "r", "--data.num_workers", "1", "--optim.batch_size", "32",
+          "--optim.epochs", "3", "--save_every_steps", "1", "--log_every", "1"]
+
+
+def launch(script, out, *extra, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, script, *COMMON, "--output_dir", str(out), *extra], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["lr"]) for r in rows if "loss" in r}
+
+
+def assert_same_tensors(a, b):
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{a.name}: {k} differs"
+
+
+@pytest.mark.parametrize("script, outputs, extra", [
+    ("pretrain_mgp.py", ["encoder.safetensors", "mae.safetensors"], []),
+    # fine-tuning with RandAugment, mixup/cutmix, random erasing and drop path all on (tiny preset)
+    ("finetune_bft.py", ["classifier_last.safetensors", "classifier.safetensors"], ["--from_scratch"]),
+])
+def test_sigkill_mid_accumulation_then_resume_equals_straight_run(tmp_path, script, outputs, extra):
+    straight = launch(script, tmp_path / "a", *extra)
+    assert straight.returncode == 0
+    killed = launch(script, tmp_path / "b", *extra, "--debug_kill_at_step", "4", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    run_b = tmp_path / "b" / "r"
+    assert sorted(p.name for p in (run_b / "state").iterdir()) == ["step_000000002", "step_000000003"]
+    launch(script, tmp_path / "b", *extra, "--resume", "auto")
+    for name in outputs:
+        assert_same_tensors(tmp_path / "a" / "r" / name, run_b / name)
+    a, b = metrics(tmp_path / "a" / "r"), metrics(run_b)
+    assert a == b and sorted(a) == [1, 2, 3, 4, 5, 6]  # same losses and lr at every step
+
+
+def test_sigterm_saves_state_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "pretrain_mgp.py", *COMMON, "--output_dir", str(tmp_path), "--optim.epochs", "500"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    states = tmp_path / "r" / "state"
+    deadline = time.time() + 120
+    while not (states.is_dir() and any(states.glob("step_*"))) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved the training state" in out + err
+    saved = max(int(p.name.split("_")[1]) for p in states.glob("step_*"))
+    assert 1 <= saved < 1000 and not (tmp_path / "r" / "encoder.safetensors").exists()
+    assert not list(states.glob(".tmp*"))  # no half-written state left behind
+
+
+@pytest.fixture
+def reset_accelerate():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _trainer(tmp_path, bad_steps, max_bad, epochs):
+    from livt import config, engine
+    from livt.data import build_dataset
+    from livt.data.loading import Augmented
+    from livt.data.transforms import eval_transform
+    from livt.models.vit import create_vit
+
+    cfg = config.parse_args("finetune", ["--data", "tiny", "--output_dir", str(tmp_path), "--run_name", "nf",
+                                         "--max_bad_steps", str(max_bad), "--optim.epochs", str(epochs)])
+    acc = engine.make_accelerator("fp32")
+    run_dir = engine.prepare_run_dir(cfg, "finetune", acc)
+    train = build_dataset(cfg.data, "train")
+    model = create_vit("vit_micro", 32, 8, num_classes=5, global_pool="avg")
+
+    def forward(m, images, labels, indices, step):
+        loss = torch.nn.functional.cross_entropy(m(images), labels)
+        return loss * math.nan if step in bad_steps else loss
+
+    data = Augmented(train, eval_transform(32, cfg.data.mean, cfg.data.std), cfg.seed)
+    return engine.Trainer(cfg, "finetune", acc, run_dir, model, data, train.targets, 5, forward)
+
+
+def test_isolated_non_finite_steps_are_skipped_and_counted(tmp_path, reset_accelerate):
+    trainer = _trainer(tmp_path, bad_steps={2, 4}, max_bad=3, epochs=2)
+    trainer.fit()
+    assert trainer.state.step == 10 and trainer.state.skipped_steps == 2
+    assert all(torch.isfinite(v).all() for v in trainer.unwrapped.state_dict().values())
+    rows = [json.loads(line) for line in (tmp_path / "nf" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 2 and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_consecutive_non_finite_steps_save_and_stop(tmp_path, reset_accelerate):
+    from livt.engine import NonFiniteError
+
+    trainer = _trainer(tmp_path, bad_steps={3, 4, 5, 6}, max_bad=3, epochs=3)
+    with pytest.raises(NonFiniteError, match=r"3 consecutive .* step 6, epoch 1.*state is saved in .*step_000000006"
+                                             r".*--optim.blr.*clip_grad"):
+        trainer.fit()
+    assert (tmp_path / "nf" / "state" / "step_000000006").is_dir()
