@@ -27,7 +27,6 @@ from livt.data.splits import (
     resolve,
     verify_images,
 )
-from livt.data.stats import check_no_empty_class, class_counts, read_class_counts
 from livt.data.synthetic import SyntheticLT
 
 SPLITS = ("train", "val", "test")
@@ -56,6 +55,9 @@ def build_dataset(cfg: DataConfig, split: str) -> LTDataset:
 def train_class_counts(cfg: DataConfig) -> np.ndarray:
     """Training images per class, (C,) int64: from `cfg.class_counts_file` when set (evaluation without
     the training list), else from the training split."""
+    # imported here: see livt.data.splits.check_no_empty_class
+    from livt.data.stats import check_no_empty_class, class_counts, read_class_counts
+
     if not cfg.class_counts_file:
         ds = build_dataset(cfg, "train")
         return class_counts(ds.targets, ds.num_classes)

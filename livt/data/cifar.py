@@ -19,8 +19,7 @@ import numpy as np
 
 from livt.config import DataConfig
 from livt.data.errors import DataError, LabelRangeError, MissingDataError, SplitFormatError
-from livt.data.splits import ArrayDataset
-from livt.data.stats import check_no_empty_class, class_counts
+from livt.data.splits import ArrayDataset, check_no_empty_class
 
 CIFAR = {  # dataset kind -> (classes, torchvision class name, torchvision folder)
     "cifar10_lt": (10, "CIFAR10", "cifar-10-batches-py"),
@@ -116,9 +115,11 @@ def build_cifar(cfg: DataConfig, split: str) -> ArrayDataset:
                                "torchvision's CIFAR files)")
     images, labels, names = load_cifar(cfg.root, cfg.dataset, split == "train", cfg.download)
     if split == "train":
-        n_max = int(class_counts(labels, num_classes).max())
+        n_max = int(np.bincount(labels, minlength=num_classes).max())
         keep = select_per_class(labels, train_profile(n_max, num_classes, cfg.imbalance, cfg.balanced),
                                 cfg.subset_seed)
         images, labels = images[keep], labels[keep]
-        check_no_empty_class(class_counts(labels, num_classes), f"{cfg.dataset} train", names)
-    return ArrayDataset(images, labels, names, f"{cfg.dataset}_{split}")
+    ds = ArrayDataset(images, labels, names, f"{cfg.dataset}_{split}")
+    if split == "train":
+        check_no_empty_class(ds, f"{cfg.dataset} train ({cfg.root})")
+    return ds

@@ -24,7 +24,6 @@ from livt.data.errors import (
     MissingDataError,
     SplitFormatError,
 )
-from livt.data.stats import check_no_empty_class, class_counts
 
 # A truncated JPEG must raise, not be padded with grey: keep Pillow's default.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -246,6 +245,16 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
     return [names[c] for c in range(num_classes)]
 
 
+def check_no_empty_class(ds: LTDataset, source: str = "") -> None:
+    """EmptyClassError naming the class when a training set lacks one (the list file by default)."""
+    # imported here, not at the top: the package must not import livt.data.stats, or
+    # `python -m livt.data.stats` runs it twice (runpy's RuntimeWarning)
+    from livt.data import stats
+
+    counts = stats.class_counts(ds.targets, ds.num_classes)
+    stats.check_no_empty_class(counts, source or str(getattr(ds, "split_file", ds.name)), ds.class_names)
+
+
 def balanced_indices(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
                      source: str) -> np.ndarray:
     """`per_class` entries of every class, a seeded draw without replacement, kept in list order."""
@@ -311,7 +320,7 @@ def build_split_dataset(cfg: DataConfig, split: str) -> SplitFileDataset:
     ds = SplitFileDataset(cfg.root, listing, cfg.num_classes, _class_names(cfg, files, listing),
                           name=f"{cfg.dataset}_{split}")
     if split == "train":
-        check_no_empty_class(class_counts(ds.targets, ds.num_classes), str(listing), ds.class_names)
+        check_no_empty_class(ds)
     return ds
 
 
