@@ -1,12 +1,19 @@
 """How hard is the synthetic set? A linear probe on raw pixels vs a small CNN and a small ViT.
 
-    python benchmarks/synthetic_baselines.py                        # CPU, about 15 minutes on 2 cores
-    python benchmarks/synthetic_baselines.py --device cuda --epochs 100 --models linear,cnn,vit
+    python benchmarks/synthetic_baselines.py --device cuda --epochs 60     # H100: about 1.5 minutes
+    python benchmarks/synthetic_baselines.py --epochs 3 --sets bal500      # CPU, 2 cores: about 5 minutes
 
 Trains each model with plain cross-entropy on three training sets of the default synthetic config
-(10 classes, 32 px): balanced 500/class, long-tailed (imbalance 100, 1,236 images) and its balanced
-variant of the same size, and prints one table row per run: overall test accuracy and the mean
-per-class accuracy of the head (classes 0-2) and of the tail (classes 7-9). Chance is 10%.
+(10 classes, 32 px): balanced 500/class ('bal500'), long-tailed (imbalance 100, 1,236 images, 'lt100')
+and its balanced variant of the same size ('bal_same'), every set for the same number of steps, and
+prints one table row per run: overall test accuracy (1,000 balanced test images; chance 10%) and the
+mean per-class accuracy of the head (classes 0-2) and of the tail (classes 7-9).
+
+Measured (H100, --epochs 60; ViT = timm ViT, patch 4, width 128, depth 4, 4 heads, avg pool):
+    linear  bal500 14.6   lt100 12.0 (head 28.3, tail 2.7)    bal_same 11.7
+    cnn     bal500 99.3   lt100 82.7 (head 98.7, tail 45.3)   bal_same 98.1
+    vit     bal500 83.8   lt100 37.7 (head 76.3, tail 2.0)    bal_same 45.7    (bal500, 150 epochs: 95.7)
+CPU, 2 cores, --epochs 3 on bal500 (2-3 minutes a model): linear 14.2, cnn 83.7, vit 14.1.
 """
 
 from __future__ import annotations
