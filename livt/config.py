@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -211,7 +212,7 @@ class FinetuneConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        epochs=100, warmup_epochs=10, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
+        epochs=100, warmup_epochs=10.0, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
         layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -234,6 +235,7 @@ STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 # Field introspection
 
 
+@functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal right after a field) of a dataclass and its bases."""
     docs: dict[str, str] = {}
@@ -303,7 +305,10 @@ def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             except ValueError:
                 raise bad() from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise bad() from None
         raise bad()
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -355,9 +360,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, ValueError, KeyError, RecursionError) as e:  # PyYAML raises all of these
+        raise ConfigError(f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:300]}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     return flatten(data)

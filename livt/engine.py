@@ -116,6 +116,8 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
 def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
     """The accelerator and run directory of a run, with every RNG seeded from `cfg.seed`."""
     accelerator = make_accelerator(cfg.precision)
+    run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, stage)
+    resolve_resume(cfg.resume, run_dir)  # a wrong --resume fails before anything is built
     run_dir = prepare_run_dir(cfg, stage, accelerator)
     seed_step(cfg.seed, -1, 0)  # model initialisation: the same on every process
     return accelerator, run_dir
@@ -304,7 +306,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     row = dict(step=state.step, epoch=round(state.step / plan.steps_per_epoch, 3),
                                loss=mean_loss, lr=lr, images_per_s=interval_steps * images_per_step / dt,
-                               skipped_steps=state.skipped_steps)
+                               skipped_steps=state.skipped_steps, skipped_images=self.skipped_images)
                     self.log.write(**row)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{row['images_per_s']:.0f}")
@@ -340,7 +342,11 @@ class Trainer:
             labels = labels.to(acc.device, non_blocking=True)
             sync = micro == plan.accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
-                loss = self.forward(self.model, images, labels, indices, state.step)
+                if len(images):
+                    loss = self.forward(self.model, images, labels, indices, state.step)
+                else:  # every image of the micro-batch was unreadable (skip_bad_images): a zero
+                    # gradient keeps the processes' gradient exchanges in step
+                    loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             acc.backward(loss / plan.accum)
             total += loss.detach().float() / plan.accum
             if cfg.debug_kill_at_step == state.step + 1 and micro == (plan.accum - 1) // 2:
@@ -389,6 +395,8 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Augmented
     sampler = EvalSampler(len(dataset), accelerator.num_processes, accelerator.process_index)
     logits, labels, indices = [], [], []
     for images, y, idx, _ in make_loader(dataset, sampler, batch_size, num_workers):
+        if not len(images):  # all unreadable (skip_bad_images)
+            continue
         with accelerator.autocast():
             out = model(images.to(accelerator.device, non_blocking=True))
         logits.append(out.float())

@@ -21,6 +21,7 @@ from livt import config as config_lib
 from livt import engine
 from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
 from livt.data import build_dataset, train_class_counts
+from livt.data.errors import DataError
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe, read_class_counts
 from livt.data.transforms import eval_transform, finetune_transform
@@ -81,18 +82,17 @@ def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, 
         return
     pre = np.asarray(meta["class_counts"])
     if len(pre) != len(counts) or not np.array_equal(pre, counts):
-        raise engine.RunDirError(
+        raise DataError(
             f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
             f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
             f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
 
 
-def evaluate_split(accelerator, model, cfg, split: str, counts: np.ndarray) -> tuple[dict, Any]:
+def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray) -> dict:
     d = cfg.data
-    dataset = build_dataset(d, split)
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images)
     logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
-    return evaluate_logits(logits, labels, counts, dataset.class_names), dataset
+    return evaluate_logits(logits, labels, counts, dataset.class_names)
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:
@@ -103,7 +103,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
-    train = build_dataset(d, "train")
+    train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front
     counts = class_counts(train.targets, train.num_classes)
     accelerator.print(describe(counts, train.name))
 
@@ -135,13 +135,13 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.eval_every and not last:
             return {}
-        val, _ = evaluate_split(accelerator, trainer.model, cfg, "val", counts)
+        val_results = evaluate_split(accelerator, trainer.model, cfg, val, counts)
         trainer.model.train()
-        row = {f"val_{k}": val[k] for k in ("top1", "many", "medium", "few", "ece")}
+        row = {f"val_{k}": val_results[k] for k in ("top1", "many", "medium", "few", "ece")}
         accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
             f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in row.items()))
-        if val["top1"] > trainer.state.best_metric:
-            trainer.state.best_metric, trainer.state.best_epoch = val["top1"], epoch + 1
+        if val_results["top1"] > trainer.state.best_metric:
+            trainer.state.best_metric, trainer.state.best_epoch = val_results["top1"], epoch + 1
             if accelerator.is_main_process:
                 save_model(trainer.unwrapped, best_path, "classifier", arch_of(trainer.unwrapped),
                            best_epoch=epoch + 1, **meta)
@@ -156,7 +156,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     # Report the test split with the weights selected on val.
     state, _ = load_file_with_meta(best_path)
     trainer.unwrapped.load_state_dict(state)
-    results, test = evaluate_split(accelerator, trainer.model, cfg, "test", counts)
+    results = evaluate_split(accelerator, trainer.model, cfg, test, counts)
     results["best_epoch"] = trainer.state.best_epoch
     report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test")
     accelerator.end_training()
@@ -183,7 +183,8 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
         raise config_lib.ConfigError(
             f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
     model = accelerator.prepare(model)
-    results, test = evaluate_split(accelerator, model, cfg, "test", counts)
+    test = build_dataset(cfg.data, "test")
+    results = evaluate_split(accelerator, model, cfg, test, counts)
     report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name)
     return run_dir
 

@@ -3,9 +3,8 @@
     pytest -q tests/test_fuzz.py --durations=5     # about 10 s; derandomised, so a failure reproduces
 
 Each parser either returns what its input says, or raises its intended error (a `DataError` subclass
-naming the file and line, a `ConfigError` naming the key), never another exception. Inputs that reach a
-bug found by this file are kept out of the strategies (each exclusion says which) and pinned by the
-xfail tests at the end: widen the strategy when the bug is fixed.
+naming the file and line, a `ConfigError` naming the key), never another exception. The bugs this file
+found are fixed; the inputs that reached them are pinned by the regression tests at the end.
 """
 
 import functools
@@ -140,7 +139,7 @@ def test_split_file_arbitrary_bytes_only_split_format_errors(work, content):
 # Class-count files: `label count` per line, labels 0..C-1 each once
 
 
-# Bug: read_class_counts breaks lines at form feeds etc. too (xfail below): plain blanks only.
+# Bug: read_class_counts breaks lines at form feeds etc. too (fixed; kept as a regression test at the end): plain blanks only.
 count_blank = st.text(st.sampled_from(" \t\xa0\u3000\x1f"), max_size=3)
 
 
@@ -148,10 +147,10 @@ count_blank = st.text(st.sampled_from(" \t\xa0\u3000\x1f"), max_size=3)
 def count_file(draw):
     """(lines, expected outcome): ('ok', counts) | ('line', lineno) | ('missing', labels) | ('empty',)."""
     n = draw(st.integers(0, 6))
-    # Bug: counts past int64 crash with OverflowError (xfail below).
+    # Bug: counts past int64 crash with OverflowError (fixed; kept as a regression test at the end).
     counts = draw(st.lists(st.integers(0, INT64_MAX), min_size=n, max_size=n))
     entries = [(lab, f"{lab} {cnt}") for lab, cnt in enumerate(counts)]
-    # Bug: memory grows with the largest label (xfail below): keep the dropped/extra labels small.
+    # Bug: memory grows with the largest label (fixed; kept as a regression test at the end): keep the dropped/extra labels small.
     drop = draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=2)) if n else set()
     entries = [e for e in entries if e[0] not in drop]
     entries = draw(st.permutations(entries))
@@ -208,7 +207,7 @@ def test_class_counts_parse_exactly_or_name_the_line(work, case, newline):
         assert msg == f"{f}: no class counts in file"
 
 
-# Bug: '--5', superscript digits, numbers past int64 and non-UTF-8 bytes crash (xfail below): ASCII
+# Bug: '--5', superscript digits, numbers past int64 and non-UTF-8 bytes crash (fixed; kept as a regression test at the end): ASCII
 # digits, single '-' runs, at most 18 digits in a row.
 count_text = st.text(st.sampled_from("0123456789 -\t\nx.\u00e9"), max_size=40).filter(
     lambda t: "--" not in t and not re.search(r"\d{19}", t))
@@ -309,7 +308,7 @@ def has_type(value, tp) -> bool:
     return type(value) is tp
 
 
-# Bug: FinetuneConfig's default optim.warmup_epochs is the int 10, not a float (xfail below).
+# Bug: FinetuneConfig's default optim.warmup_epochs is the int 10, not a float (fixed; kept as a regression test at the end).
 UNTYPED_DEFAULTS = {("finetune", "optim.warmup_epochs"): 10}
 
 
@@ -326,7 +325,7 @@ SECTIONS = sorted({k.split(".")[0] for k in ALL_KEYS if "." in k})
 LEAVES = sorted({k.split(".")[-1] for k in ALL_KEYS})
 key_text = st.one_of(st.sampled_from(SECTIONS + LEAVES + ALL_KEYS), st.text(max_size=8),
                      st.integers(-3, 3), st.booleans(), st.none())
-# Bug: an integer past the float range crashes a float key with OverflowError (xfail below).
+# Bug: an integer past the float range crashes a float key with OverflowError (fixed; kept as a regression test at the end).
 scalars = st.one_of(st.integers(-(2**1000), 2**1000), st.floats(), st.booleans(), st.none(),
                     st.text(max_size=8), st.sampled_from(["1,2,3", "0.5,0.5", "true", "1e-3", "3", ""]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -499,10 +498,6 @@ def test_command_line_typed_or_config_error_naming_the_token(data, stage):
 # Bugs found by the properties above, pinned until fixed (strict: an XPASS fails the suite)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "livt/data/stats.py read_class_counts numbers lines with str.splitlines(), which also breaks at "
-    "\\x0b \\x0c \\x1c-\\x1e \\x85 \\u2028 \\u2029: after such a character the reported line number is "
-    "wrong (the split-file parser counts '\\n' only since 48ae788)"))
 @pytest.mark.parametrize("sep", ["\x0c", "\x85", "\u2028"], ids=["form_feed", "NEL", "LS"])
 def test_count_file_line_numbers_count_newlines_only(work, sep):
     f = work / "ff.txt"
@@ -512,10 +507,6 @@ def test_count_file_line_numbers_count_newlines_only(work, sep):
     assert str(e.value).startswith(f"{f}:2: ")
 
 
-@pytest.mark.xfail(strict=True, raises=(UnicodeDecodeError, ValueError, OverflowError), reason=(
-    "livt/data/stats.py read_class_counts: path.read_text() is not guarded (UnicodeDecodeError), the "
-    "check `p.lstrip('-').isdigit()` lets '--5' and non-ASCII digits such as '\u00b2' reach int() "
-    "(ValueError), and a count past int64 reaches np.array(..., int64) (OverflowError)"))
 @pytest.mark.parametrize("content", [b"0 5\n1 \xff\n", b"0 5\n1 --5\n", "0 5\n1 \u00b2\n".encode(),
                                      f"0 5\n1 {2**63}\n".encode()],
                          ids=["not_utf8", "double_minus", "superscript", "2**63"])
@@ -526,9 +517,6 @@ def test_class_count_file_crashes(work, content):
         read_class_counts(f)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "livt/data/stats.py read_class_counts: set(range(max label + 1)) makes memory and time grow with the "
-    "largest label, so a typo such as '10000000000 5' exhausts memory instead of naming the line"))
 def test_class_count_file_memory_does_not_grow_with_the_label(work):
     f = work / "big_label.txt"
     write(f, "0 5\n200000 3\n")
@@ -542,9 +530,6 @@ def test_class_count_file_memory_does_not_grow_with_the_label(work):
     assert peak < 4 * 2**20, f"{peak / 2**20:.0f} MiB for a two-line file"
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "livt/data/stats.py counts_from_file (`python -m livt.data.stats FILE`): a blank file crashes at "
-    "`first.split()[0]` with IndexError"))
 def test_stats_of_a_blank_file(work):
     f = work / "blank.txt"
     write(f, "\n  \n")
@@ -552,11 +537,6 @@ def test_stats_of_a_blank_file(work):
         counts_from_file(f)
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, ValueError, KeyError, RecursionError), reason=(
-    "livt/config.py: coerce() calls float() on a YAML integer past the float range (OverflowError); "
-    "load_yaml catches only yaml.YAMLError, so PyYAML's ValueError for an impossible date or a "
-    ">4300-digit integer, its KeyError for '!!bool maybe', a UnicodeDecodeError from read_text() and a "
-    "RecursionError on deep nesting escape instead of a ConfigError naming the file"))
 @pytest.mark.parametrize("content", [f"optim: {{blr: {10**400}}}\n".encode(), b"run_name: 2024-02-30\n",
                                      f"seed: {'1' * 5000}\n".encode(), b"overwrite: !!bool maybe\n",
                                      b"seed: \xff\n", b"[" * 5000],
@@ -568,9 +548,6 @@ def test_yaml_crashes(work, content):
         c.parse_args("pretrain", ["--config", str(f)])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "livt/config.py load_yaml: `yaml.safe_load(...) or {}` takes a falsy non-mapping document "
-    "('0', 'false', '[]', '\"\"') for an empty config instead of 'expected a mapping of keys'"))
 @pytest.mark.parametrize("content", ["0\n", "false\n", "[]\n", "''\n"])
 def test_falsy_yaml_top_level_is_not_a_mapping(work, content):
     f = work / "falsy.yaml"
@@ -583,10 +560,6 @@ def test_falsy_yaml_top_level_is_not_a_mapping(work, content):
         raise AssertionError(f"{content!r} accepted as the config {flat!r}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "livt/config.py FinetuneConfig: the default optim factory passes warmup_epochs=10 (int) to a float "
-    "field, so from_dict('finetune', {}) hashes differently (another run directory name) from the same "
-    "config reloaded from its config.yaml, where the value comes back as 10.0"))
 @pytest.mark.parametrize("stage", ["finetune"])
 def test_defaults_have_the_declared_types(stage):
     cfg = c.from_dict(stage, {})

@@ -8,6 +8,7 @@ Accepts a split file (`relative/path label` per line) or a class-count file (`la
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from livt.data.errors import EmptyClassError, MissingDataError, SplitFormatError
 
 MANY_MIN = 101  # many-shot: more than 100 training images
 FEW_MAX = 19  # few-shot: fewer than 20
+INT64_MAX = 2**63 - 1
 
 
 def class_counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
@@ -45,26 +47,33 @@ def check_no_empty_class(counts: np.ndarray, source: str, class_names: list[str]
 
 
 def read_class_counts(path: str | Path) -> np.ndarray:
-    """Read a `<label> <count>` file (labels 0..C-1, each once)."""
+    """Read a `<label> <count>` file (labels 0..C-1, each once; lines end at '\\n')."""
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"class-count file not found: {path}")
-    pairs = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise SplitFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    pairs: dict[int, int] = {}
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise SplitFormatError(f"{path}:{lineno}: expected '<label> <count>', got {line!r}")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise SplitFormatError(f"{path}:{lineno}: expected '<label> <count>' (two non-negative "
+                                   f"integers), got {line!r}")
         label, count = int(parts[0]), int(parts[1])
-        if label < 0 or count < 0 or label in pairs:
-            raise SplitFormatError(f"{path}:{lineno}: negative or repeated label/count in {line!r}")
+        if label in pairs:
+            raise SplitFormatError(f"{path}:{lineno}: label {label} repeated")
+        if count > INT64_MAX or label > INT64_MAX:
+            raise SplitFormatError(f"{path}:{lineno}: number out of the int64 range in {line!r}")
         pairs[label] = count
     if not pairs:
         raise SplitFormatError(f"{path}: no class counts in file")
     num_classes = max(pairs) + 1
-    missing = sorted(set(range(num_classes)) - set(pairs))
-    if missing:
+    if len(pairs) != num_classes:
+        missing = list(itertools.islice((c for c in range(num_classes) if c not in pairs), 10))  # lazy
         raise SplitFormatError(f"{path}: labels {missing[:10]} missing (expected 0..{num_classes - 1})")
     return np.array([pairs[c] for c in range(num_classes)], dtype=np.int64)
 
@@ -86,7 +95,9 @@ def counts_from_file(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"file not found: {path}")
-    first = next((ln for ln in path.read_text().splitlines() if ln.strip()), "")
+    first = next((ln for ln in path.read_text(errors="replace").split("\n") if ln.strip()), "")
+    if not first:
+        raise SplitFormatError(f"{path}: empty file")
     if first.split()[0].isdigit():
         return read_class_counts(path)
     _, labels = read_split_file(path)
