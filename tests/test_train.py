@@ -75,6 +75,21 @@ def test_finetune_from_pretraining_and_eval_only(pretrained, tmp_path):
                            "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors")])
     assert json.loads((again / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
 
+    from livt.predict import main as predict_main
+    from livt.predict import predict
+
+    images = []
+    for i, colour in enumerate([(255, 0, 0), (0, 90, 200)]):
+        images.append(tmp_path / f"img{i}.png")
+        Image.new("RGB", (40, 40), colour).save(images[-1])
+    preds = predict(run_dir / "classifier.safetensors", images, topk=3)
+    assert len(preds) == 2 and all(len(p) == 3 for p in preds)
+    for p in preds:
+        probs = [prob for _, prob in p]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(name.startswith("class_") for name, _ in p)
+    predict_main([str(run_dir / "classifier.safetensors"), str(images[0]), "--topk", "2", "--device", "cpu"])
+
 
 def test_finetune_needs_a_start(tmp_path):
     from livt.config import ConfigError
