@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 VOLATILE = {
     "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
-    "save_every_steps", "keep_last", "max_bad_steps", "compile",
+    "save_every_steps", "save_every_epochs", "keep_last", "max_bad_steps", "compile",
 }
 
 
@@ -153,6 +153,8 @@ class LossConfig:
 
 @dataclass
 class AugConfig:
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range"""
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec ('' = off)"""
     mixup: float = 0.8
@@ -186,7 +188,9 @@ class RunConfig:
     log_every: int = 20
     """optimizer steps between progress lines"""
     save_every_steps: int = 0
-    """optimizer steps between training-state saves (0 = end of every epoch only)"""
+    """optimizer steps between mid-epoch training-state saves (0 = none)"""
+    save_every_epochs: int = 1
+    """epochs between end-of-epoch training-state saves (the last epoch always saves)"""
     keep_last: int = 2
     """training states to keep"""
     max_bad_steps: int = 10

@@ -288,11 +288,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         interval_steps, t0 = 0, time.perf_counter()
         start_epoch = state.step // plan.steps_per_epoch
+        loader = make_loader(self.train_set, self.sampler, plan.micro_batch, cfg.data.num_workers)
         for epoch in range(start_epoch, cfg.optim.epochs):
             self.sampler.set_epoch(epoch)
             first = state.step - epoch * plan.steps_per_epoch
             self.sampler.set_start(first * plan.accum)
-            batches = iter(make_loader(self.train_set, self.sampler, plan.micro_batch, cfg.data.num_workers))
+            batches = iter(loader)
             self.model.train()
             for _ in range(first, plan.steps_per_epoch):
                 lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.lr, cfg.optim.min_lr)
@@ -325,7 +326,8 @@ class Trainer:
                 row = end_of_epoch(epoch)
                 if row:
                     self.log.write(step=state.step, epoch=epoch + 1, **row)
-            self.save()
+            if (epoch + 1) % cfg.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
+                self.save()
         bar.close()
         if self.skipped_images:
             acc.print(f"skipped {self.skipped_images} unreadable images (data.skip_bad_images)")

@@ -121,7 +121,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         return loss_fn(m(images), soft)
 
     transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
-                                   cfg.aug.color_jitter)
+                                   cfg.aug.color_jitter, cfg.aug.crop_scale)
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, model,
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
                              train.num_classes, forward)

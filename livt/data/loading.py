@@ -92,9 +92,11 @@ def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_siz
     """A DataLoader over `sampler` (which yields (epoch, index)) with `collate`.
 
     It owns a private generator so that creating iterators does not consume the global torch RNG.
+    Workers persist across epochs: the sampler runs in the main process, so `set_epoch` / `set_start`
+    before each `iter()` take effect, and the epoch travels with every index.
     """
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False,
-        persistent_workers=False, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0),
+        persistent_workers=num_workers > 0, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0),
         prefetch_factor=prefetch_factor if num_workers > 0 else None)

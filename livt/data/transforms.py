@@ -30,13 +30,13 @@ def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float
 
 def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
                        rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                       color_jitter: float = 0.0) -> Callable:
+                       color_jitter: float = 0.0, crop_scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
     """BFT: timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing in pixel mode).
 
     `rand_augment` '' turns RandAugment off; colour jitter applies only then (timm skips it otherwise).
     """
     transform = create_transform(
-        input_size=img_size, is_training=True, auto_augment=rand_augment or None,
+        input_size=img_size, is_training=True, scale=tuple(crop_scale), auto_augment=rand_augment or None,
         color_jitter=color_jitter or None, interpolation="bicubic", re_prob=reprob, re_mode="pixel",
         re_count=1, mean=tuple(mean), std=tuple(std))
     for t in transform.transforms:
