@@ -416,7 +416,7 @@ def help_text(stage: str) -> str:
     ]
     cfg = STAGES[stage]()
     current = flatten(to_dict(cfg))
-    for key, (tp, doc) in flat_fields(STAGES[stage]).items():
+    for key, (_, doc) in flat_fields(STAGES[stage]).items():
         lines.append(f"  --{key:<28} {doc} [{current[key]}]")
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def test_split_file_arbitrary_bytes_only_split_format_errors(work, content):
 # Class-count files: `label count` per line, labels 0..C-1 each once
 
 
-# Bug: read_class_counts breaks lines at form feeds etc. too (fixed; kept as a regression test at the end): plain blanks only.
+# Bug: read_class_counts breaks lines at form feeds etc. too (fixed; regression test at the end): plain blanks only.
 count_blank = st.text(st.sampled_from(" \t\xa0\u3000\x1f"), max_size=3)
 
 
@@ -147,10 +147,10 @@ count_blank = st.text(st.sampled_from(" \t\xa0\u3000\x1f"), max_size=3)
 def count_file(draw):
     """(lines, expected outcome): ('ok', counts) | ('line', lineno) | ('missing', labels) | ('empty',)."""
     n = draw(st.integers(0, 6))
-    # Bug: counts past int64 crash with OverflowError (fixed; kept as a regression test at the end).
+    # Bug: counts past int64 crash with OverflowError (fixed; regression test at the end).
     counts = draw(st.lists(st.integers(0, INT64_MAX), min_size=n, max_size=n))
     entries = [(lab, f"{lab} {cnt}") for lab, cnt in enumerate(counts)]
-    # Bug: memory grows with the largest label (fixed; kept as a regression test at the end): keep the dropped/extra labels small.
+    # Bug: memory grows with the largest label (fixed; regression test at the end): keep the dropped/extra labels small.
     drop = draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=2)) if n else set()
     entries = [e for e in entries if e[0] not in drop]
     entries = draw(st.permutations(entries))
@@ -207,7 +207,7 @@ def test_class_counts_parse_exactly_or_name_the_line(work, case, newline):
         assert msg == f"{f}: no class counts in file"
 
 
-# Bug: '--5', superscript digits, numbers past int64 and non-UTF-8 bytes crash (fixed; kept as a regression test at the end): ASCII
+# Bug: '--5', superscript digits, numbers past int64 and non-UTF-8 bytes crash (fixed; see the end): ASCII
 # digits, single '-' runs, at most 18 digits in a row.
 count_text = st.text(st.sampled_from("0123456789 -\t\nx.\u00e9"), max_size=40).filter(
     lambda t: "--" not in t and not re.search(r"\d{19}", t))
@@ -308,7 +308,7 @@ def has_type(value, tp) -> bool:
     return type(value) is tp
 
 
-# Bug: FinetuneConfig's default optim.warmup_epochs is the int 10, not a float (fixed; kept as a regression test at the end).
+# Bug: FinetuneConfig's default optim.warmup_epochs is the int 10, not a float (fixed; regression test at the end).
 UNTYPED_DEFAULTS = {("finetune", "optim.warmup_epochs"): 10}
 
 
@@ -325,7 +325,7 @@ SECTIONS = sorted({k.split(".")[0] for k in ALL_KEYS if "." in k})
 LEAVES = sorted({k.split(".")[-1] for k in ALL_KEYS})
 key_text = st.one_of(st.sampled_from(SECTIONS + LEAVES + ALL_KEYS), st.text(max_size=8),
                      st.integers(-3, 3), st.booleans(), st.none())
-# Bug: an integer past the float range crashes a float key with OverflowError (fixed; kept as a regression test at the end).
+# Bug: an integer past the float range crashes a float key with OverflowError (fixed; regression test at the end).
 scalars = st.one_of(st.integers(-(2**1000), 2**1000), st.floats(), st.booleans(), st.none(),
                     st.text(max_size=8), st.sampled_from(["1,2,3", "0.5,0.5", "true", "1e-3", "3", ""]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
