@@ -121,3 +121,28 @@ def test_transferred_encoder_tensors_are_equal(pretrained, tmp_path):
         if k != "norm.weight" and k != "norm.bias":
             assert torch.equal(sd[k], v), k
     assert np.allclose(sd["fc_norm.weight"].numpy(), 1.0)
+
+
+def test_pretrain_reads_an_imagenet_lt_split_file_over_an_image_tree(tmp_path):
+    """The standard ImageNet-LT file names and line format, over JPEG files made here."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet"
+    for split, per_class in (("train", (5, 3, 2)), ("val", (1, 1, 1)), ("test", (1, 1, 1))):
+        lines = []
+        for c, n in enumerate(per_class):
+            wnid = f"n{c:08d}"
+            for i in range(n):
+                rel = f"{'train' if split != 'test' else 'val'}/{wnid}/{wnid}_{split}{i}.JPEG"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / rel, "JPEG")
+                lines.append(f"{rel} {c}")
+        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+    run_dir = pretrain.main(["--data", "imagenet_lt", "--data.root", str(root), "--data.num_classes", "3",
+                             "--data.img_size", "32", "--model.name", "vit_micro", "--model.patch_size", "8",
+                             "--mae.decoder_embed_dim", "32", "--mae.decoder_depth", "1",
+                             "--mae.decoder_num_heads", "2", "--data.batch_size", "5", "--optim.batch_size", "5",
+                             "--optim.epochs", "1", "--optim.warmup_epochs", "0", "--data.num_workers", "0",
+                             "--output_dir", str(tmp_path / "runs"), "--run_name", "inlt"])
+    _, meta = load_file_with_meta(run_dir / "encoder.safetensors")
+    assert meta["dataset"] == "imagenet_lt" and meta["class_counts"] == [5, 3, 2]
+    assert [json.loads(r)["step"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2]
