@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 VOLATILE = {
     "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
-    "save_every_steps", "save_every_epochs", "keep_last", "max_bad_steps", "compile",
+    "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "max_bad_steps", "compile",
 }
 
 
@@ -230,6 +230,8 @@ class FinetuneConfig(RunConfig):
     """fine-tuned .safetensors to evaluate (with --eval_only)"""
     eval_every: int = 1
     """epochs between validation passes"""
+    test_prior_imbalance: float = 0.0
+    """also report forward/backward long-tailed test sets of this imbalance, raw and post-hoc adjusted (0 = off)"""
 
 
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}

@@ -9,6 +9,7 @@ metrics.jsonl, training states.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe, read_class_counts
 from livt.data.transforms import eval_transform, finetune_transform
 from livt.losses import build_loss
-from livt.metrics import evaluate_logits, format_table, write_results
+from livt.metrics import (
+    evaluate_logits,
+    format_table,
+    long_tailed_test_prior,
+    posthoc_adjust,
+    subsample_to_prior,
+    write_results,
+)
 from livt.models.vit import create_vit
 
 
@@ -88,11 +96,33 @@ def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, 
             f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
 
 
-def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray) -> dict:
+def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str) -> dict:
+    """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
+    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior."""
     d = cfg.data
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images)
     logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
-    return evaluate_logits(logits, labels, counts, dataset.class_names)
+    results = evaluate_logits(logits, labels, counts, dataset.class_names)
+    if cfg.test_prior_imbalance:
+        results["shifted"] = shifted_prior_rows(logits, labels, counts, cfg.test_prior_imbalance,
+                                                trained_with, cfg.seed)
+    return results
+
+
+def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.ndarray, imbalance: float,
+                       trained_with: str, seed: int) -> list[dict]:
+    """Test-agnostic evaluation (SADE's protocol): subsample the balanced test set to a forward or
+    backward long-tailed prior and evaluate the raw logits and the logits adjusted to that prior."""
+    rows = []
+    for direction, reverse in (("forward", False), ("backward", True)):
+        prior = long_tailed_test_prior(len(counts), imbalance, reverse=reverse)
+        idx = torch.as_tensor(subsample_to_prior(labels.numpy(), prior, seed))
+        for adjusted in (False, True):
+            z = posthoc_adjust(logits[idx], counts, prior, trained_with) if adjusted else logits[idx]
+            r = evaluate_logits(z, labels[idx], counts)
+            rows.append({"test set": f"{direction} x{imbalance:g}", "post-hoc": "yes" if adjusted else "no",
+                         **{k: r[k] for k in ("n", "top1", "many", "medium", "few", "ece")}})
+    return rows
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:
@@ -135,7 +165,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.eval_every and not last:
             return {}
-        val_results = evaluate_split(accelerator, trainer.model, cfg, val, counts)
+        val_results = evaluate_split(accelerator, trainer.model, cfg, val, counts, cfg.loss.name)
         trainer.model.train()
         row = {f"val_{k}": val_results[k] for k in ("top1", "many", "medium", "few", "ece")}
         accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
@@ -156,7 +186,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     # Report the test split with the weights selected on val.
     state, _ = load_file_with_meta(best_path)
     trainer.unwrapped.load_state_dict(state)
-    results = evaluate_split(accelerator, trainer.model, cfg, test, counts)
+    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name)
     results["best_epoch"] = trainer.state.best_epoch
     report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test")
     accelerator.end_training()
@@ -165,8 +195,12 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
 
 def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str) -> None:
     if accelerator.is_main_process:
+        shifted = results.pop("shifted", None)
         write_results(run_dir, results, class_names, counts, prefix="test")
         accelerator.print(format_table([{"run": label, **results}]))
+        if shifted:
+            (run_dir / "test_prior_results.json").write_text(json.dumps(shifted, indent=1))
+            accelerator.print(format_table(shifted))
         accelerator.print(f"results in {run_dir}")
 
 
@@ -184,7 +218,8 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
             f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
     model = accelerator.prepare(model)
     test = build_dataset(cfg.data, "test")
-    results = evaluate_split(accelerator, model, cfg, test, counts)
+    trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with)
     report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name)
     return run_dir
 

@@ -72,8 +72,13 @@ def test_finetune_from_pretraining_and_eval_only(pretrained, tmp_path):
     assert len(list(run_dir.glob("*.png"))) == 2
     AcceleratorState._reset_state(reset_partial_state=True)
     again = finetune.main(["--data", "tiny", "--output_dir", str(tmp_path), "--run_name", "eval",
-                           "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors")])
+                           "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors"),
+                           "--test_prior_imbalance", "10"])
     assert json.loads((again / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
+    shifted = json.loads((again / "test_prior_results.json").read_text())
+    assert [(r["test set"], r["post-hoc"]) for r in shifted] == [
+        ("forward x10", "no"), ("forward x10", "yes"), ("backward x10", "no"), ("backward x10", "yes")]
+    assert shifted[0]["n"] == 20 + 11 + 6 + 3 + 2  # 20 per class x 10^(-i/4), floored
 
     from livt.predict import main as predict_main
     from livt.predict import predict
