@@ -62,7 +62,8 @@ def test_sigkill_mid_accumulation_then_resume_equals_straight_run(tmp_path, scri
     assert a == b and sorted(a) == [1, 2, 3, 4, 5, 6]  # same losses and lr at every step
 
 
-def test_sigterm_saves_state_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_state_and_exits_cleanly(tmp_path, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = [sys.executable, "pretrain_mgp.py", *COMMON, "--output_dir", str(tmp_path), "--optim.epochs", "500"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -70,10 +71,10 @@ def test_sigterm_saves_state_and_exits_cleanly(tmp_path):
     deadline = time.time() + 120
     while not (states.is_dir() and any(states.glob("step_*"))) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "SIGTERM: saved the training state" in out + err
+    assert f"{sig.name}: saved the training state" in out + err
     saved = max(int(p.name.split("_")[1]) for p in states.glob("step_*"))
     assert 1 <= saved < 1000 and not (tmp_path / "r" / "encoder.safetensors").exists()
     assert not list(states.glob(".tmp*"))  # no half-written state left behind
@@ -125,3 +126,23 @@ def test_consecutive_non_finite_steps_save_and_stop(tmp_path, reset_accelerate):
                                              r".*--optim.blr.*clip_grad"):
         trainer.fit()
     assert (tmp_path / "nf" / "state" / "step_000000006").is_dir()
+
+
+def test_crash_during_a_save_leaves_the_previous_state_usable(tmp_path, reset_accelerate):
+    from livt.engine import resolve_resume, state_dirs
+
+    trainer = _trainer(tmp_path, bad_steps=set(), max_bad=3, epochs=1)
+    trainer.fit()
+    run_dir = tmp_path / "nf"
+    assert [p.name for p in state_dirs(run_dir)] == ["step_000000005"]
+
+    def crash(path):  # a save that dies half-way: one file written, then an error
+        (tmp_path / "nf" / "state" / ".tmp_step_000000005" / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    trainer.acc.save_state = crash
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert [p.name for p in state_dirs(run_dir)] == ["step_000000005"]
+    assert resolve_resume("auto", run_dir) == run_dir / "state" / "step_000000005"
+    assert (run_dir / "state" / "step_000000005" / "model.safetensors").stat().st_size > 1000
