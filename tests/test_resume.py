@@ -62,7 +62,7 @@ def test_sigkill_mid_accumulation_then_resume_equals_straight_run(tmp_path, scri
     assert a == b and sorted(a) == [1, 2, 3, 4, 5, 6]  # same losses and lr at every step
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_saves_state_and_exits_cleanly(tmp_path, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = [sys.executable, "pretrain_mgp.py", *COMMON, "--output_dir", str(tmp_path), "--optim.epochs", "500"]
