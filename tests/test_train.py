@@ -151,3 +151,22 @@ def test_pretrain_reads_an_imagenet_lt_split_file_over_an_image_tree(tmp_path):
     _, meta = load_file_with_meta(run_dir / "encoder.safetensors")
     assert meta["dataset"] == "imagenet_lt" and meta["class_counts"] == [5, 3, 2]
     assert [json.loads(r)["step"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5])
+def test_mixup_targets_with_odd_and_even_batches(batch):
+    from livt.config import AugConfig
+    from livt.finetune import TargetMaker
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    make = TargetMaker(AugConfig(), label_smoothing=0.1, num_classes=4)
+    images, labels = torch.rand(batch, 3, 8, 8), torch.tensor([0, 1, 2, 3, 1][:batch])
+    mixed, targets = make(images, labels)
+    assert mixed.shape == images.shape and targets.shape == (batch, 4)
+    assert torch.allclose(targets.sum(1), torch.ones(batch))
+    if batch % 2:  # the odd one out keeps its image and a smoothed one-hot target
+        assert torch.equal(mixed[-1], images[-1])
+        expected = torch.full((4,), 0.025)
+        expected[labels[-1]] = 0.925
+        assert torch.allclose(targets[-1], expected)
