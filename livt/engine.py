@@ -90,6 +90,7 @@ def make_accelerator(precision: str) -> Accelerator:
 def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
     """Create (or re-enter) the run directory; refuse to mix two different runs in one."""
     run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, stage)
+    resolve_resume(cfg.resume, run_dir)  # a wrong --resume fails before anything is built
     cfg_file = run_dir / "config.yaml"
     if accelerator.is_main_process and cfg_file.exists():
         old = yaml.safe_load(cfg_file.read_text()) or {}
@@ -97,8 +98,9 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
         if cfg.overwrite:
             shutil.rmtree(run_dir)
         elif old.get("config_hash") != new_hash:
-            old_flat = config_lib.flatten({k: v for k, v in old.items() if k in config_lib.to_dict(cfg)})
-            new_flat = config_lib.flatten(config_lib.to_dict(cfg))
+            current = config_lib.to_dict(cfg)
+            old_flat = config_lib.flatten({k: v for k, v in old.items() if k in current})
+            new_flat = config_lib.flatten(current)
             diff = sorted(k for k in new_flat if k not in config_lib.VOLATILE and old_flat.get(k) != new_flat[k])
             raise RunDirError(
                 f"{run_dir} holds a different run (config hash {old.get('config_hash')} vs {new_hash}; "
@@ -116,8 +118,6 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
 def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
     """The accelerator and run directory of a run, with every RNG seeded from `cfg.seed`."""
     accelerator = make_accelerator(cfg.precision)
-    run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, stage)
-    resolve_resume(cfg.resume, run_dir)  # a wrong --resume fails before anything is built
     run_dir = prepare_run_dir(cfg, stage, accelerator)
     seed_step(cfg.seed, -1, 0)  # model initialisation: the same on every process
     return accelerator, run_dir
@@ -129,10 +129,15 @@ def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: A
                         git_sha=git_sha(), **derived)
 
 
+def derive_seed(*key: int) -> int:
+    """A 32-bit seed that is a function of `key` alone (a hash through numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed every global RNG from (seed, step, rank): drop path, masking and mixup become functions
     of the step, independent of what ran before (the key to exact resume)."""
-    s = int(np.random.SeedSequence([seed, step + 1, rank]).generate_state(1)[0])
+    s = derive_seed(seed, step + 1, rank)
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
@@ -241,6 +246,7 @@ class Trainer:
 
     The stage supplies `forward(model, images, labels, indices, step) -> loss`; `indices` are the
     dataset indices of the micro-batch (CPU), for randomness that must not depend on the process count.
+    Building it writes the resolved config, with the derived lr and step arithmetic, to the run directory.
     """
 
     def __init__(self, cfg: Any, stage: str, accelerator: Accelerator, run_dir: Path, model: torch.nn.Module,
@@ -265,6 +271,8 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
         self.stop = StopSignal()
         self.skipped_images = 0
+        write_config(cfg, run_dir, accelerator, lr=self.plan.lr, accum_steps=self.plan.accum,
+                     world_size=self.plan.world, steps_per_epoch=self.plan.steps_per_epoch)
 
     @property
     def unwrapped(self) -> torch.nn.Module:

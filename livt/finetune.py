@@ -155,8 +155,6 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, model,
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
                              train.num_classes, forward)
-    engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
-                        world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names)
     best_path = run_dir / "classifier.safetensors"

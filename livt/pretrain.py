@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from livt import config as config_lib
@@ -17,7 +16,7 @@ from livt.checkpoint import arch_of, save_model
 from livt.data import build_dataset
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
-from livt.data.transforms import eval_transform, pretrain_transform
+from livt.data.transforms import denormalize, eval_transform, pretrain_transform
 from livt.figures import plot_reconstructions
 from livt.models.mae import MAE, create_mae
 
@@ -29,7 +28,7 @@ def mask_noise(seed: int, step: int, indices: torch.Tensor, num_patches: int) ->
     batch do not depend on how it is split over processes (nor on anything before this step)."""
     rows = []
     for i in indices.tolist():
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(engine.derive_seed(seed, step, i))
         rows.append(torch.rand(num_patches, generator=g))
     return torch.stack(rows)
 
@@ -40,9 +39,7 @@ def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tupl
     generator = torch.Generator(device=images.device).manual_seed(0)
     with torch.no_grad():
         masked, recon = mae.reconstruct(images, generator=generator)
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    to_01 = lambda x: (x.float() * s + m).clamp(0, 1).cpu()
+    to_01 = lambda x: denormalize(x.float(), mean, std).clamp(0, 1).cpu()
     plot_reconstructions(to_01(images), to_01(masked), to_01(recon), path)
 
 
@@ -64,8 +61,6 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
         cfg, "pretrain", accelerator, run_dir, model,
         Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images),
         train.targets, train.num_classes, forward)
-    engine.write_config(cfg, run_dir, accelerator, lr=trainer.plan.lr, accum_steps=trainer.plan.accum,
-                        world_size=trainer.plan.world, steps_per_epoch=trainer.plan.steps_per_epoch)
 
     fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std), cfg.seed)
     step = max(1, len(train) // NUM_FIGURE_IMAGES)

@@ -74,7 +74,7 @@ def read_class_counts(path: str | Path) -> np.ndarray:
     num_classes = max(pairs) + 1
     if len(pairs) != num_classes:
         missing = list(itertools.islice((c for c in range(num_classes) if c not in pairs), 10))  # lazy
-        raise SplitFormatError(f"{path}: labels {missing[:10]} missing (expected 0..{num_classes - 1})")
+        raise SplitFormatError(f"{path}: labels {missing} missing (expected 0..{num_classes - 1})")
     return np.array([pairs[c] for c in range(num_classes)], dtype=np.int64)
 
 
