@@ -126,6 +126,9 @@ def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.nd
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:
+    if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
+        raise config_lib.ConfigError(
+            f"--test_prior_imbalance: expected 0 (off) or an imbalance >= 1, got {cfg.test_prior_imbalance}")
     if cfg.eval_only:
         return evaluate_checkpoint(cfg)
     if bool(cfg.pretrained) == cfg.from_scratch:

@@ -101,6 +101,9 @@ def test_finetune_needs_a_start(tmp_path):
 
     with pytest.raises(ConfigError, match="--pretrained"):
         run_finetune(tmp_path)
+    with pytest.raises(ConfigError, match="--test_prior_imbalance: expected 0 .* got 0.5"):
+        run_finetune(tmp_path, "--from_scratch", "--test_prior_imbalance", "0.5")
+    assert not (tmp_path / "bft").exists()  # refused before the run directory is made
 
 
 def test_run_dir_holding_another_run_is_refused(tmp_path):
