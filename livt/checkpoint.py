@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from livt.models.heads import head_name
 from livt.models.mae import MAE
 from livt.models.vit import VIT_SIZES, create_vit, resize_pos_embed, vit_size
 
@@ -34,9 +35,10 @@ FORMAT_VERSION = 1
 KINDS = ("encoder", "mae", "classifier")
 # Fields that must agree between a file and the model it is loaded into; img_size may differ
 # (the position embedding is interpolated).
-COMPAT_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "num_classes")
-# What a classifier lacks from an encoder file and vice versa (REFERENCE.md section 2).
-HEAD_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+COMPAT_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size", "num_classes", "head")
+# What a classifier lacks from an encoder file (REFERENCE.md section 2): fc_norm and the head
+# (`head.weight`, `head.bias` for the linear head; the cosine head has no bias).
+HEAD_PREFIXES = ("fc_norm.", "head.")
 ENCODER_NORM_KEYS = {"norm.weight", "norm.bias"}
 DECODER_PREFIXES = ("decoder_", "mask_token")
 _WRAPPERS = ("module", "_orig_mod")  # DistributedDataParallel, torch.compile
@@ -196,10 +198,15 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"arch_of: expected a VisionTransformer, MAE or dict, got {type(model).__name__}")
     depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
-    return {"name": _size_name(model.embed_dim, depth, num_heads), "embed_dim": model.embed_dim,
+    arch = {"name": _size_name(model.embed_dim, depth, num_heads), "embed_dim": model.embed_dim,
             "depth": depth, "num_heads": num_heads, "patch_size": model.patch_embed.patch_size[0],
             "img_size": model.patch_embed.img_size[0], "num_classes": model.num_classes,
             "global_pool": model.global_pool}
+    if model.num_classes:
+        arch["head"] = head_name(model.head)
+        if arch["head"] == "cosine":
+            arch["head_scale"] = model.head.scale
+    return arch
 
 
 def check_compatible(meta_arch: dict[str, Any], wanted_arch: dict[str, Any], what: str) -> None:
@@ -242,10 +249,11 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid)  # (1, 1 + grid**2, D)
 
     own = set(classifier.state_dict())
+    head_keys = {k for k in own if k.startswith(HEAD_PREFIXES)}
     missing, unexpected = own - state.keys(), state.keys() - own
-    if missing != HEAD_KEYS or unexpected != ENCODER_NORM_KEYS:
+    if missing != head_keys or unexpected != ENCODER_NORM_KEYS:
         problems = []
-        checks = (("missing", missing, HEAD_KEYS), ("unexpected", unexpected, ENCODER_NORM_KEYS))
+        checks = (("missing", missing, head_keys), ("unexpected", unexpected, ENCODER_NORM_KEYS))
         for label, got, allowed in checks:
             if got - allowed:
                 problems.append(f"{label} keys not allowed: {sorted(got - allowed)}")
@@ -265,6 +273,11 @@ def load_classifier(
     arch = meta["arch"]
     model = create_vit(arch["name"], arch["img_size"], arch["patch_size"], num_classes=arch["num_classes"],
                        global_pool=arch["global_pool"])
+    if arch.get("head", "linear") != "linear":
+        from livt.models import build_head, set_head
+
+        set_head(model, build_head(arch["head"], model.num_features, arch["num_classes"],
+                                   arch.get("head_scale", 30.0)))
     check_compatible(arch, arch_of(model), f"load_classifier({path})")
     model.load_state_dict(strip_wrapper_prefixes(state))
     return model.to(device).eval(), meta

@@ -1,9 +1,16 @@
-"""Typed run configuration: one dataclass per stage, YAML presets, one override syntax.
+"""Typed run configuration: one dataclass per stage, YAML layers, one override syntax.
 
-Precedence, lowest first: dataclass defaults < the preset (`--data NAME` reads
-`configs/<stage>/NAME.yaml`, or `--config FILE`) < `--section.key value` overrides.
+Layers, lowest first, each strict:
+    dataclass defaults < dataset preset (`--data NAME`: configs/<stage>/NAME.yaml; `demo` when absent)
+    < method recipe (`--method NAME`: configs/methods/NAME.yaml, fine-tuning only) < `--config FILE`
+    < `--section.key value` overrides.
 Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
-(and the file it came from) and suggesting the closest valid key.
+(and the file it came from) and suggesting the closest valid key. The resolved config remembers which
+layer set each non-default value (`sources`), and `config.yaml` records it.
+
+A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
+keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
+mapping (family, paper, summary) that `livt compare --list` shows; neither is a config key.
 """
 
 from __future__ import annotations
@@ -23,7 +30,16 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """`configs/` of a checkout (or editable install), else the copy packaged inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if (candidate / "finetune").is_dir():
+            return candidate
+    raise RuntimeError(f"livt: no configs/ folder beside {here}; the installation is incomplete")
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -37,6 +53,7 @@ VOLATILE = {
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "max_bad_steps", "compile",
 }
+SELECTION_RULES = ("auto", "best_val", "last")
 
 
 @dataclass
@@ -81,6 +98,11 @@ class DataConfig:
     """DataLoader worker processes"""
     sampler: str = "instance"
     """training sampler: instance | class_balanced | sqrt | progressive"""
+    val_from_train: float = 0.0
+    """carve a stratified val split of this fraction from train (ceil per class, >= 1 image left in train;
+    the class counts are those of what remains); 0 = the dataset's own val split"""
+    eval_crop: float = 0.875
+    """evaluation crop ratio: resize to img_size / eval_crop, centre-crop img_size (1.0 = full frame)"""
     skip_bad_images: bool = False
     """skip unreadable images (counted and reported at the end) instead of stopping"""
     download: bool = False
@@ -90,7 +112,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_base"
-    """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge"""
+    """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge (see livt.models.BACKBONES)"""
+    head: str = "linear"
+    """classifier head (fine-tuning): linear | cosine (see livt.models.heads.HEADS)"""
+    head_scale: float = 30.0
+    """scale s of the cosine head: logits = s * cos(w_c, x)"""
     patch_size: int = 16
     """patch size (ViT-H: 14; small images: 4 or 8)"""
     drop_path_rate: float = 0.0
@@ -113,6 +139,8 @@ class MAEConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """optimizer: adamw | sgd"""
     epochs: int = 800
     """training epochs"""
     warmup_epochs: float = 40.0
@@ -120,13 +148,27 @@ class OptimConfig:
     batch_size: int = 4096
     """effective batch = data.batch_size x processes x accumulation steps"""
     blr: float = 1.5e-4
-    """base lr; lr = blr x effective batch / 256"""
+    """base lr; lr = blr x effective batch / 256 (unless optim.lr is set)"""
+    lr: float = 0.0
+    """absolute peak lr, not scaled by the batch (0 = from blr)"""
+    schedule: str = "cosine"
+    """lr after warmup: cosine (half-cycle to min_lr) | step (x step_gamma at each of step_epochs)"""
+    step_epochs: tuple[int, ...] = (160, 180)
+    """epochs at which the step schedule multiplies the lr by step_gamma"""
+    step_gamma: float = 0.01
+    """factor of each lr step: 0.01 after the first, 0.0001 after the second"""
     min_lr: float = 0.0
     """floor of the half-cycle cosine"""
     weight_decay: float = 0.05
-    """AdamW weight decay (none on biases, norms, tokens)"""
+    """weight decay"""
+    decay_all: bool = False
+    """weight decay on every parameter (CNN recipes); false = none on biases, norms and tokens"""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    nesterov: bool = False
+    """SGD Nesterov momentum"""
     layer_decay: float = 1.0
     """layer-wise lr decay (1 = off)"""
     clip_grad: float = 0.0
@@ -136,7 +178,7 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     name: str = "bal_bce"
-    """loss: ce | bce | bal_ce | bal_bce | focal | cb_ce"""
+    """loss (see livt.losses.LOSSES): ce | bce | bal_ce | bal_bce | focal | cb_ce | ..."""
     tau: float = 1.0
     """scale of the logit bias (Bal-CE, Bal-BCE)"""
     bias: str = "eq10"
@@ -153,6 +195,10 @@ class LossConfig:
 
 @dataclass
 class AugConfig:
+    crop: str = "rrc"
+    """training crop: rrc (RandomResizedCrop over crop_scale, timm) | pad (pad by `pad`, random crop: CIFAR)"""
+    pad: int = 4
+    """padding of the pad crop"""
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area range"""
     rand_augment: str = "rand-m9-mstd0.5-inc1"
@@ -220,6 +266,11 @@ class FinetuneConfig(RunConfig):
         layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    method: str = ""
+    """the method recipe this run was built from (set by --method; '' = none)"""
+    select: str = "auto"
+    """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
+    last | auto (best_val when such a val split exists, else last)"""
     pretrained: str = ""
     """pretraining .safetensors (encoder or full MAE) to start from"""
     from_scratch: bool = False
@@ -352,16 +403,34 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
-    """Apply flat {'a.b': value} updates to `cfg` in place, strictly."""
+    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key."""
     fields = flat_fields(type(cfg))
+    sources = sources_of(cfg)
     for key, value in values.items():
         if key not in fields:
             raise _unknown(key, fields, source)
         _set(cfg, key, coerce(key, value, fields[key][0], source))
+        sources[key] = source
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def sources_of(cfg: Any) -> dict[str, str]:
+    """{key: the layer (file or --key) that last set it}, kept on the config object (not a field)."""
+    if "_sources" not in cfg.__dict__:
+        cfg.__dict__["_sources"] = {}
+    return cfg.__dict__["_sources"]
+
+
+def non_default_sources(cfg: Any) -> dict[str, str]:
+    """Where each value that differs from the dataclass default came from."""
+    default = flatten(to_dict(type(cfg)()))
+    current = flatten(to_dict(cfg))
+    sources = sources_of(cfg)
+    return {k: sources.get(k, "?") for k in current if current[k] != default.get(k) and k not in VOLATILE}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (not flattened); ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -373,11 +442,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
-    return flatten(data)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    return flatten(read_yaml(path))
 
 
 def presets(stage: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.yaml"))
+
+
+def shown(path: Path) -> str:
+    """A built-in config file as `configs/...`, any other path as given."""
+    try:
+        return str(Path("configs") / path.resolve().relative_to(CONFIG_DIR))
+    except ValueError:
+        return str(path)
 
 
 def preset_path(stage: str, name: str) -> Path:
@@ -387,9 +468,80 @@ def preset_path(stage: str, name: str) -> Path:
     return path
 
 
-def from_dict(stage: str, values: dict[str, Any], source: str = "dict") -> Any:
+# ---------------------------------------------------------------------------------------------
+# Method recipes (configs/methods/<name>.yaml)
+
+METHOD_DIR = CONFIG_DIR / "methods"
+METHOD_META = ("about", "by_dataset")
+
+
+def methods() -> list[str]:
+    return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
+
+
+def method_path(name: str) -> Path:
+    """configs/methods/<name>.yaml, or a path to a recipe file of one's own (ends in .yaml)."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    path = METHOD_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, methods(), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--method: no method '{name}'{hint} (see `livt compare --list`; "
+                          f"known: {', '.join(methods())})")
+    return path
+
+
+def read_method(name: str) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(path, flat config keys, about, {dataset kind: flat keys}) of a method recipe."""
+    path = method_path(name)
+    data = read_yaml(path)
+    about = data.pop("about", {}) or {}
+    by_dataset = data.pop("by_dataset", {}) or {}
+    if not isinstance(about, dict) or not isinstance(by_dataset, dict) or not all(
+            isinstance(v, dict) for v in by_dataset.values()):
+        raise ConfigError(f"{path}: 'about' must be a mapping and 'by_dataset' a mapping of dataset kind -> keys")
+    return path, flatten(data), about, {str(k): flatten(v) for k, v in by_dataset.items()}
+
+
+def resolve(stage: str, data: str | None = None, method: str | None = None, config: str | None = None,
+            overrides: list[tuple[str, Any]] | None = None) -> Any:
+    """The config of `stage` from its layers (module docstring); each layer is strict."""
     cfg = STAGES[stage]()
-    return update(cfg, flatten(values), source)
+    preset = preset_path(stage, data or "demo")
+    layers: list[tuple[dict[str, Any], str]] = [(load_yaml(preset), shown(preset))]
+    if method:
+        if stage != "finetune":
+            raise ConfigError("--method: method recipes are fine-tuning recipes (finetune_bft.py / livt finetune)")
+        path, keys, _, by_dataset = read_method(method)
+        layers.append(({**keys, "method": path.stem}, shown(path)))
+        by_dataset_at = len(layers)
+    if config:
+        layers.append((load_yaml(config), str(config)))
+    overrides = overrides or []
+    if method:
+        # the method's dataset-specific keys follow its top-level ones; the kind is the final one
+        kind = cfg.data.dataset
+        for values, _ in layers + [({k: v for k, v in overrides}, "")]:
+            kind = values.get("data.dataset", kind)
+        extra = by_dataset.get(str(kind))
+        if extra:
+            layers.insert(by_dataset_at, (extra, f"{shown(path)} (by_dataset.{kind})"))
+    for values, source in layers:
+        update(cfg, values, source)
+    for key, value in overrides:
+        update(cfg, {key: value}, f"--{key}")
+    return cfg
+
+
+# entries config.yaml holds beside the keys (see `save` and engine.write_config)
+DERIVED = ("sources", "provenance", "config_hash", "lr", "accum_steps", "world_size", "steps_per_epoch")
+
+
+def from_dict(stage: str, values: dict[str, Any], source: str = "dict") -> Any:
+    """The config of a dict of keys, e.g. a run's config.yaml (its derived entries are skipped)."""
+    cfg = STAGES[stage]()
+    return update(cfg, flatten({k: v for k, v in values.items() if k not in DERIVED}), source)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -405,28 +557,46 @@ def config_hash(cfg: Any) -> str:
 def run_name(cfg: Any, stage: str) -> str:
     if cfg.run_name:
         return cfg.run_name
-    return f"{stage}-{cfg.data.dataset}-{cfg.model.name}-{config_hash(cfg)}"
+    method = getattr(cfg, "method", "")
+    return f"{stage}-{cfg.data.dataset}-{cfg.model.name}{'-' + method if method else ''}-{config_hash(cfg)}"
+
+
+def _show(value: Any) -> str:
+    """A default as the command line takes it: tuples and lists comma-joined."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show(v) for v in value)
+    return str(value)
 
 
 def help_text(stage: str) -> str:
+    script = "pretrain_mgp.py" if stage == "pretrain" else "finetune_bft.py"
+    method = " [--method NAME]" if stage == "finetune" else ""
     lines = [
-        f"usage: {'pretrain_mgp.py' if stage == 'pretrain' else 'finetune_bft.py'} "
-        "[--data PRESET | --config FILE] [--key value ...]",
-        f"presets (--data): {', '.join(presets(stage))}",
-        "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys.",
+        f"usage: {script} (or livt {stage}) [--data PRESET]{method} [--config FILE] [--key value ...]",
+        f"presets (--data, default demo): {', '.join(presets(stage))}",
+    ]
+    if stage == "finetune":
+        lines.append(f"methods (--method; livt compare --list): {', '.join(methods())}")
+    lines += [
+        "layers, lowest first: defaults < --data < --method < --config < --key value.",
+        "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys;",
+        "lists and tuples are comma-separated (--data.mean 0.5,0.5,0.5).",
         "",
     ]
     cfg = STAGES[stage]()
     current = flatten(to_dict(cfg))
     for key, (_, doc) in flat_fields(STAGES[stage]).items():
-        lines.append(f"  --{key:<28} {doc} [{current[key]}]")
+        lines.append(f"  --{key:<28} {' '.join(doc.split())} [{_show(current[key])}]")
     return "\n".join(lines)
+
+
+LAYER_FLAGS = ("data", "method", "config")
 
 
 def parse_args(stage: str, argv: list[str]) -> Any:
     """Build the config of `stage` from command-line tokens (see module docstring)."""
     fields = flat_fields(STAGES[stage])
-    preset: Path | None = None
+    named: dict[str, str] = {}
     overrides: list[tuple[str, Any]] = []
     i = 0
     while i < len(argv):
@@ -447,33 +617,29 @@ def parse_args(stage: str, argv: list[str]) -> Any:
             else:
                 value, i = nxt, i + 1
         i += 1
-        if key in ("data", "config"):
-            if preset is not None:
-                raise ConfigError("command line: give one of --data PRESET or --config FILE, once")
-            preset = preset_path(stage, value) if key == "data" else Path(value)
+        if key in LAYER_FLAGS and not (key == "method" and stage != "finetune"):
+            if key in named:
+                raise ConfigError(f"command line: --{key} given twice")
+            named[key] = value
         elif key in fields:
             overrides.append((key, value))
         else:
-            raise _unknown(key, list(fields) + ["data", "config"], "command line")
-
-    cfg = STAGES[stage]()
-    if preset is None:
-        preset = preset_path(stage, "demo")
-    update(cfg, load_yaml(preset), str(preset))
-    for key, value in overrides:
-        update(cfg, {key: value}, f"--{key}")
-    return cfg
+            raise _unknown(key, list(fields) + list(LAYER_FLAGS), "command line")
+    return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
 
 
 def save(cfg: Any, path: str | Path, **extra: Any) -> None:
-    """Write the resolved config (plus derived values such as the effective lr) as YAML."""
+    """Write the resolved config (plus derived values such as the effective lr, and where each
+    non-default value came from) as YAML."""
     d = to_dict(cfg)
     d.update(extra)
+    d["sources"] = non_default_sources(cfg)
     Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
 
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
     "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
-    "update", "load_yaml", "save", "help_text", "flat_fields",
+    "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
+    "non_default_sources",
 ]

@@ -57,6 +57,7 @@ class TrainState:
     consecutive_bad: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    train_seconds: float = 0.0  # wall time spent in training steps, summed over resumptions
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,13 +71,35 @@ class TrainState:
 # Run set-up
 
 
-def git_sha() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What code made a run: the git commit of livt's checkout (and whether its tree had uncommitted
+    changes; both None for an installed wheel) and the library versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "versions": {"livt": ver("livt"), "python": platform.python_version(), "torch": str(torch.__version__),
+                     **{pkg: ver(pkg) for pkg in ("timm", "accelerate", "numpy", "safetensors")}},
+    }
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -126,7 +149,7 @@ def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
 def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: Any) -> None:
     if accelerator.is_main_process:
         config_lib.save(cfg, run_dir / "config.yaml", config_hash=config_lib.config_hash(cfg),
-                        git_sha=git_sha(), **derived)
+                        provenance=provenance(), **derived)
 
 
 def derive_seed(*key: int) -> int:
@@ -223,6 +246,7 @@ class Plan:
     total_steps: int
     warmup_steps: int
     lr: float
+    milestones: tuple[int, ...] = ()
 
     @staticmethod
     def make(optim: Any, micro_batch: int, world: int, batches_per_epoch: int) -> Plan:
@@ -237,8 +261,18 @@ class Plan:
             raise config_lib.ConfigError(
                 f"the training set gives {batches_per_epoch} micro-batches per process per epoch, fewer "
                 f"than one optimizer step of {accum}; lower optim.batch_size")
+        lr = optim.lr if optim.lr > 0 else optim.blr * optim.batch_size / 256
         return Plan(micro_batch, accum, world, steps_per_epoch, optim.epochs * steps_per_epoch,
-                    round(optim.warmup_epochs * steps_per_epoch), optim.blr * optim.batch_size / 256)
+                    round(optim.warmup_epochs * steps_per_epoch), lr,
+                    tuple(e * steps_per_epoch for e in optim.step_epochs))
+
+    def lr_at(self, step: int, optim: Any) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.lr, optim.min_lr, optim.schedule,
+                     self.milestones, optim.step_gamma)
+
+    def progress(self, step: int) -> float:
+        """Training progress in [0, 1): the argument of every loss schedule (DRW, IB, GBL)."""
+        return step / self.total_steps
 
 
 class Trainer:
@@ -246,12 +280,13 @@ class Trainer:
 
     The stage supplies `forward(model, images, labels, indices, step) -> loss`; `indices` are the
     dataset indices of the micro-batch (CPU), for randomness that must not depend on the process count.
+    `optimize` is the module whose trainable parameters the optimizer steps (default: `model`).
     Building it writes the resolved config, with the derived lr and step arithmetic, to the run directory.
     """
 
     def __init__(self, cfg: Any, stage: str, accelerator: Accelerator, run_dir: Path, model: torch.nn.Module,
                  train_set: Augmented, targets: np.ndarray, num_classes: int,
-                 forward: Callable[..., torch.Tensor]) -> None:
+                 forward: Callable[..., torch.Tensor], optimize: torch.nn.Module | None = None) -> None:
         self.cfg, self.stage, self.acc, self.run_dir = cfg, stage, accelerator, run_dir
         self.train_set, self.forward = train_set, forward
         self.sampler = TrainSampler(
@@ -261,8 +296,9 @@ class Trainer:
         self.plan = Plan.make(cfg.optim, cfg.data.batch_size, accelerator.num_processes,
                               self.sampler.batches_per_epoch)
         model.to(accelerator.device)
-        optimizer = build_optimizer(model, self.plan.lr, cfg.optim.weight_decay, cfg.optim.betas,
-                                    cfg.optim.layer_decay)
+        # the optimizer's parameter groups come from `optimize` (default: the model itself), so a wrapper
+        # such as livt.models.WithOutputs keeps the inner model's layer-decay / no-decay grouping
+        optimizer = build_optimizer(optimize if optimize is not None else model, cfg.optim, self.plan.lr)
         if cfg.compile:
             model = torch.compile(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -295,6 +331,7 @@ class Trainer:
                    desc=self.stage, dynamic_ncols=True, mininterval=1.0)
         loss_sum = torch.zeros((), device=acc.device)
         interval_steps, t0 = 0, time.perf_counter()
+        tick = t0
         start_epoch = state.step // plan.steps_per_epoch
         loader = make_loader(self.train_set, self.sampler, plan.micro_batch, cfg.data.num_workers)
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -304,9 +341,12 @@ class Trainer:
             batches = iter(loader)
             self.model.train()
             for _ in range(first, plan.steps_per_epoch):
-                lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.lr, cfg.optim.min_lr)
+                lr = plan.lr_at(state.step, cfg.optim)
                 set_lr(self.optimizer, lr)
                 loss = self._step(batches, epoch)
+                now = time.perf_counter()
+                state.train_seconds += now - tick
+                tick = now
                 loss_sum += loss
                 interval_steps += 1
                 bar.update(1)
@@ -336,6 +376,7 @@ class Trainer:
                     self.log.write(step=state.step, epoch=epoch + 1, **row)
             if (epoch + 1) % cfg.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
                 self.save()
+            tick = time.perf_counter()  # evaluation and saving are not training time
         bar.close()
         if self.skipped_images:
             acc.print(f"skipped {self.skipped_images} unreadable images (data.skip_bad_images)")
@@ -409,10 +450,12 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Augmented
             continue
         with accelerator.autocast():
             out = model(images.to(accelerator.device, non_blocking=True))
+        out = out["logits"] if isinstance(out, dict) else out  # livt.models.WithOutputs
         logits.append(out.float())
         labels.append(y.to(accelerator.device))
         indices.append(idx.to(accelerator.device))
-    num_classes = getattr(accelerator.unwrap_model(model), "num_classes", None)
+    inner = accelerator.unwrap_model(model)
+    num_classes = getattr(getattr(inner, "model", inner), "num_classes", None)
     logits_t = torch.cat(logits) if logits else torch.zeros(0, num_classes, device=accelerator.device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
     idx_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=accelerator.device)

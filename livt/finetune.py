@@ -1,8 +1,11 @@
-"""Stage 2 of LiVT: Balanced Fine-Tuning, evaluation, and evaluation of saved classifiers.
+"""Stage 2 of LiVT: Balanced Fine-Tuning (and every fine-tuning method), evaluation, and evaluation of
+saved classifiers.
 
-The model is selected on the val split (best top-1 over the evaluated epochs); the test split is
-evaluated once at the end with the selected weights and reported, never used to choose anything.
-Outputs in the run directory: classifier.safetensors (selected), classifier_last.safetensors,
+Which epoch is reported (`--select`): the best val top-1 where the val split is held out (its own
+split, or one carved from train with `--data.val_from_train`), else the last epoch; the rule and the
+epoch are written into the results. The test split is evaluated once, at the end, and never chooses
+anything; where val is the test split (CIFAR, iNat18) it is not even evaluated during training.
+Outputs in the run directory: classifier.safetensors (reported), classifier_last.safetensors,
 test_results.{json,md}, per-class accuracy and confusion CSVs, two figures, config.yaml,
 metrics.jsonl, training states.
 """
@@ -21,7 +24,7 @@ from timm.data import Mixup
 from livt import config as config_lib
 from livt import engine
 from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
-from livt.data import build_dataset, train_class_counts
+from livt.data import build_dataset, heldout_val, train_class_counts
 from livt.data.errors import DataError
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe, read_class_counts
@@ -35,7 +38,7 @@ from livt.metrics import (
     subsample_to_prior,
     write_results,
 )
-from livt.models.vit import create_vit
+from livt.models import WithOutputs, build_classifier
 
 
 def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
@@ -72,6 +75,8 @@ class TargetMaker:
             1, labels[:, None], 1.0 - self.smoothing + off)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None and self.smoothing == 0:
+            return images, labels  # hard labels (the CNN recipes; losses that refuse soft targets)
         if self.mixup is None:
             return images, self.smooth(labels)
         even = len(images) - len(images) % 2
@@ -84,12 +89,15 @@ class TargetMaker:
                 torch.cat([targets, self.smooth(labels[even:])]))
 
 
-def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str) -> None:
-    """A pretraining file made on this same dataset must have seen the same classes."""
+def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str,
+                             val_from_train: float = 0.0) -> None:
+    """A pretraining file made on this same dataset must have seen the same classes (the same counts,
+    unless one of the stages carved a val split from train)."""
     if meta.get("dataset") != dataset_name or meta.get("class_counts") is None:
         return
     pre = np.asarray(meta["class_counts"])
-    if len(pre) != len(counts) or not np.array_equal(pre, counts):
+    same_carve = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0) == val_from_train
+    if len(pre) != len(counts) or (same_carve and not np.array_equal(pre, counts)):
         raise DataError(
             f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
             f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
@@ -100,7 +108,7 @@ def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained
     """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
     forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior."""
     d = cfg.data
-    data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images)
+    data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
     logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
     results = evaluate_logits(logits, labels, counts, dataset.class_names)
     if cfg.test_prior_imbalance:
@@ -125,6 +133,28 @@ def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.nd
     return rows
 
 
+def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]:
+    """(rule, val split description): which epoch is reported, and what val is."""
+    if cfg.select not in config_lib.SELECTION_RULES:
+        raise config_lib.ConfigError(f"--select: expected one of {', '.join(config_lib.SELECTION_RULES)}, "
+                                     f"got '{cfg.select}'")
+    held = heldout_val(val, test)
+    what = (f"{cfg.data.val_from_train:g} of train, carved (stratified)" if cfg.data.val_from_train
+            else f"{val.name} ({len(val)} images)" if held else "none: val is the test split")
+    if cfg.select == "best_val" and not held:
+        raise config_lib.ConfigError(
+            f"--select best_val: the val split of '{cfg.data.dataset}' is its test split ({val.source}), so the "
+            f"reported epoch would be chosen on the test set; use --select last, or carve a val split from "
+            f"train with --data.val_from_train 0.1")
+    return ("best_val" if held and cfg.select != "last" else "last"), what
+
+
+def build_model(cfg: config_lib.FinetuneConfig, num_classes: int) -> torch.nn.Module:
+    m = cfg.model
+    return build_classifier(m.name, cfg.data.img_size, m.patch_size, num_classes, m.drop_path_rate, m.head,
+                            m.head_scale)
+
+
 def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
         raise config_lib.ConfigError(
@@ -137,67 +167,86 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front
+    rule, val_split = selection_rule(cfg, val, test)
     counts = class_counts(train.targets, train.num_classes)
     accelerator.print(describe(counts, train.name))
+    accelerator.print(f"reported epoch: {rule} (val: {val_split})")
 
-    model = create_vit(cfg.model.name, d.img_size, cfg.model.patch_size, num_classes=train.num_classes,
-                       drop_path_rate=cfg.model.drop_path_rate, global_pool="avg")
+    model = build_model(cfg, train.num_classes)
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
-        check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained)
+        check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
         load_encoder(model, cfg.pretrained)
-    loss_fn = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
+    criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
-    def forward(m: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:
-        images, soft = targets(images, labels)
-        return loss_fn(m(images), soft)
+    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:
+        images, target = targets(images, labels)
+        return criterion(net(images), target, trainer.plan.progress(step))
 
     transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
                                    cfg.aug.color_jitter, cfg.aug.crop_scale)
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, model,
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
-                             train.num_classes, forward)
+                             train.num_classes, forward, optimize=model)
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names)
-    best_path = run_dir / "classifier.safetensors"
+    reported_path = run_dir / "classifier.safetensors"
+    classifier = lambda: trainer.unwrapped.model  # noqa: E731
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         last = epoch + 1 == cfg.optim.epochs
-        if (epoch + 1) % cfg.eval_every and not last:
-            return {}
-        val_results = evaluate_split(accelerator, trainer.model, cfg, val, counts, cfg.loss.name)
-        trainer.model.train()
-        row = {f"val_{k}": val_results[k] for k in ("top1", "many", "medium", "few", "ece")}
-        accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
-            f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in row.items()))
-        if val_results["top1"] > trainer.state.best_metric:
-            trainer.state.best_metric, trainer.state.best_epoch = val_results["top1"], epoch + 1
-            if accelerator.is_main_process:
-                save_model(trainer.unwrapped, best_path, "classifier", arch_of(trainer.unwrapped),
-                           best_epoch=epoch + 1, **meta)
-        return row
+        if rule == "best_val" and ((epoch + 1) % cfg.eval_every == 0 or last):
+            val_results = evaluate_split(accelerator, trainer.model, cfg, val, counts, cfg.loss.name)
+            trainer.model.train()
+            row = {f"val_{k}": val_results[k] for k in ("top1", "many", "medium", "few", "ece")}
+            accelerator.print(f"epoch {epoch + 1}: " + ", ".join(
+                f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in row.items()))
+            if val_results["top1"] > trainer.state.best_metric:
+                trainer.state.best_metric, trainer.state.best_epoch = val_results["top1"], epoch + 1
+                if accelerator.is_main_process:
+                    save_model(classifier(), reported_path, "classifier", arch_of(classifier()),
+                               best_epoch=epoch + 1, **meta)
+            return row
+        if rule == "last" and last:
+            trainer.state.best_epoch = epoch + 1
+        return {}
 
     trainer.fit(end_of_epoch)
 
     if accelerator.is_main_process:
-        save_model(trainer.unwrapped, run_dir / "classifier_last.safetensors", "classifier",
-                   arch_of(trainer.unwrapped), **meta)
+        save_model(classifier(), run_dir / "classifier_last.safetensors", "classifier", arch_of(classifier()),
+                   **meta)
+        if rule == "last":
+            save_model(classifier(), reported_path, "classifier", arch_of(classifier()),
+                       best_epoch=cfg.optim.epochs, **meta)
     accelerator.wait_for_everyone()
-    # Report the test split with the weights selected on val.
-    state, _ = load_file_with_meta(best_path)
-    trainer.unwrapped.load_state_dict(state)
+    state, _ = load_file_with_meta(reported_path)
+    classifier().load_state_dict(state)
     results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name)
-    results["best_epoch"] = trainer.state.best_epoch
-    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test")
+    results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
+                            "select": cfg.select}
+    results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
+                         "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum
+                         * trainer.plan.world, "train_seconds": round(trainer.state.train_seconds, 1)}
+    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test", cfg)
     accelerator.end_training()
     return run_dir
 
 
-def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str) -> None:
+def run_info(cfg: config_lib.FinetuneConfig, run_dir: Path) -> dict[str, Any]:
+    """What every results file records besides the metrics: the run, its method and seed, and provenance."""
+    return {"run": run_dir.name, "method": cfg.method, "loss": cfg.loss.name, "model": cfg.model.name,
+            "dataset": cfg.data.dataset, "seed": cfg.seed, "config_hash": config_lib.config_hash(cfg),
+            "provenance": engine.provenance()}
+
+
+def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str,
+           cfg: config_lib.FinetuneConfig) -> None:
     if accelerator.is_main_process:
         shifted = results.pop("shifted", None)
-        write_results(run_dir, results, class_names, counts, prefix="test")
+        info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in ("selection", "budget") if k in results}}
+        write_results(run_dir, results, class_names, counts, prefix="test", info=info)
         accelerator.print(format_table([{"run": label, **results}]))
         if shifted:
             (run_dir / "test_prior_results.json").write_text(json.dumps(shifted, indent=1))
@@ -221,7 +270,9 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
     test = build_dataset(cfg.data, "test")
     trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
     results = evaluate_split(accelerator, model, cfg, test, counts, trained_with)
-    report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name)
+    results["selection"] = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used",
+                            "select": "n/a"}
+    report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name, cfg)
     return run_dir
 
 

@@ -1,6 +1,11 @@
 """Classification losses for Balanced Fine-Tuning and the long-tailed baselines.
 
-Every loss is a pure function `loss(logits, targets, [class_counts,] **options) -> scalar`:
+Every loss is a pure function `loss(logits, targets, [class_counts,] **options) -> scalar`. Its
+signature says what it needs: parameters WITHOUT a default are inputs (`targets`, `class_counts`,
+`progress` = training progress in [0, 1), or any entry of the model-output dict such as `logits`,
+`features`, `cosine`), parameters WITH a default are options. `build_loss` turns one into the
+`Criterion` the training loop calls as `criterion(outputs, targets, progress)`, so a new loss is a new
+function in `LOSSES` and nothing in the loop changes.
 
 - `logits`: (B, C), any float dtype; the loss is computed in float32 outside autocast, because a
   Bal-BCE bias near log(999) ~ 6.9 loses ~0.03 to bf16 rounding.
@@ -209,35 +214,70 @@ _PER_CLASS = {
 }
 
 
-def build_loss(name: str, class_counts: Counts, **options: object) -> Callable[[Tensor, Tensor], Tensor]:
-    """`loss(logits, targets) -> scalar` for the named loss; `class_counts` is ignored by ce, bce and focal.
+INPUTS = ("targets", "class_counts", "progress")  # what the loop supplies besides the model outputs
+
+
+def signature(fn: Callable[..., Tensor]) -> tuple[list[str], list[str]]:
+    """(inputs, options) of a loss: its parameters without and with a default."""
+    params = inspect.signature(fn).parameters.values()
+    return ([p.name for p in params if p.default is inspect.Parameter.empty],
+            [p.name for p in params if p.default is not inspect.Parameter.empty])
+
+
+class Criterion:
+    """`criterion(outputs, targets, progress=0.0) -> scalar` for one named loss and its options.
+
+    `outputs` is the model-output dict (`livt.models.outputs`: logits, features, a head's extras) or a
+    bare logits tensor. Per-class tensors (biases, weights) are computed once, on the CPU, at build
+    time, and copied to each device once.
+    """
+
+    def __init__(self, name: str, class_counts: Counts, **options: object) -> None:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+        self.name, self.options = name, options
+        inputs, accepted = signature(LOSSES[name])
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"loss '{name}' takes no option {', '.join(unknown)}; "
+                             f"it accepts: {', '.join(accepted) or 'none'}")
+        self.needs = [i for i in inputs if i not in INPUTS]  # model outputs, e.g. ['logits']
+        if name in _PER_CLASS:
+            make, self._kernel = _PER_CLASS[name]
+            self._table = make(class_counts, **options)  # (C,) float32, CPU; raises now, not at step 1
+            self._on_device: dict[torch.device, Tensor] = {}
+        else:
+            self._kernel = None
+            self._counts = torch.as_tensor(class_counts) if "class_counts" in inputs else None
+            if self._counts is not None:
+                _prior64(self._counts)  # validate now
+
+    def __call__(self, outputs: dict[str, Tensor] | Tensor, targets: Tensor, progress: float = 0.0) -> Tensor:
+        if isinstance(outputs, Tensor):
+            outputs = {"logits": outputs}
+        missing = [k for k in self.needs if k not in outputs]
+        if missing:
+            raise ValueError(f"loss '{self.name}' needs the model output(s) {missing}; this model gives "
+                             f"{sorted(outputs)} (a loss on 'cosine' needs --model.head cosine)")
+        if self._kernel is not None:
+            logits = outputs["logits"]
+            t = self._on_device.get(logits.device)
+            if t is None:
+                t = self._on_device[logits.device] = self._table.to(logits.device)
+            return self._kernel(logits, targets, t)
+        supplied = {"targets": targets, "progress": float(progress), "class_counts": self._counts}
+        inputs, _ = signature(LOSSES[self.name])
+        kwargs = {k: supplied[k] if k in INPUTS else outputs[k] for k in inputs}
+        return LOSSES[self.name](**kwargs, **self.options)
+
+
+def build_loss(name: str, class_counts: Counts, **options: object) -> Criterion:
+    """The `Criterion` of the named loss; `class_counts` is ignored by losses that do not take it.
 
     Unknown names and options the loss does not take raise ValueError listing the valid ones.
     """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
-    fn = LOSSES[name]
-    accepted = [p for p in inspect.signature(fn).parameters if p not in ("logits", "targets", "class_counts")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"loss '{name}' takes no option {', '.join(unknown)}; "
-                         f"it accepts: {', '.join(accepted) or 'none'}")
-    if name not in _PER_CLASS:
-        return functools.partial(fn, **options)
-
-    make, kernel = _PER_CLASS[name]
-    table = make(class_counts, **options)  # (C,) float32, CPU; raises now rather than at the first step
-    on_device: dict[torch.device, Tensor] = {}
-
-    def loss(logits: Tensor, targets: Tensor) -> Tensor:
-        t = on_device.get(logits.device)
-        if t is None:
-            t = on_device[logits.device] = table.to(logits.device)
-        return kernel(logits, targets, t)
-
-    loss.__name__ = name
-    return loss
+    return Criterion(name, class_counts, **options)
 
 
-__all__ = ["LOSSES", "BIAS_VARIANTS", "prior", "bal_bce_bias", "cb_weights", "ce", "bce", "bal_ce", "bal_bce",
+__all__ = ["LOSSES", "BIAS_VARIANTS", "Criterion", "signature", "prior", "bal_bce_bias", "cb_weights", "ce", "bce", "bal_ce", "bal_bce",
            "focal", "cb_ce", "build_loss"]

@@ -251,11 +251,12 @@ def _json_scalar(v: object) -> object:
 
 
 def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str] | None,
-                  train_counts: ArrayLike, prefix: str = "test") -> None:
+                  train_counts: ArrayLike, prefix: str = "test", info: dict | None = None) -> None:
     """Write the files of one evaluation (from `evaluate_logits`) into `run_dir`, each atomically.
 
-    <prefix>_results.json (the scalar entries, n/a as null), <prefix>_results.md (split, top1, top5,
-    many, medium, few, ECE, MCE), <prefix>_per_class.csv (class, name, train_count, shot, n_test,
+    <prefix>_results.json (the scalar entries, n/a as null, plus `info`: what chose the reported
+    checkpoint, the budget, provenance), <prefix>_results.md (split, top1, top5, many, medium, few, ECE,
+    MCE, then the `info` lines), <prefix>_per_class.csv (class, name, train_count, shot, n_test,
     accuracy), <prefix>_confusion.csv (rows true label, columns prediction), and the figures
     <prefix>_per_class_accuracy.png and <prefix>_reliability.png.
     """
@@ -267,9 +268,11 @@ def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str]
     names = class_names if class_names is not None else results["class_names"]
 
     scalars = {k: _json_scalar(v) for k, v in results.items() if _is_scalar(v)}
-    _write_text(run_dir / f"{prefix}_results.json", json.dumps(scalars, indent=2) + "\n")
+    info = info or {}
+    _write_text(run_dir / f"{prefix}_results.json", json.dumps({**scalars, **info}, indent=2) + "\n")
     row = {"split": results.get("split", prefix), **{k: results.get(k) for k in TABLE_KEYS[1:]}}
-    _write_text(run_dir / f"{prefix}_results.md", format_table([row]) + "\n")
+    lines = [f"- {k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in info.items()]
+    _write_text(run_dir / f"{prefix}_results.md", format_table([row]) + "\n" + "".join(f"{x}\n" for x in lines))
 
     shot = np.empty(len(train_counts), dtype=object)
     for group, classes in shot_groups(train_counts).items():

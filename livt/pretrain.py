@@ -62,7 +62,7 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
         Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images),
         train.targets, train.num_classes, forward)
 
-    fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std), cfg.seed)
+    fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed)
     step = max(1, len(train) // NUM_FIGURE_IMAGES)
     figure_images = torch.stack([fixed[(0, i * step)][0] for i in range(NUM_FIGURE_IMAGES)])
 

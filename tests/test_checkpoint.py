@@ -40,7 +40,8 @@ def test_metadata_round_trip(tmp_path):
     state, meta = load_file_with_meta(path)
     assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["kind"] == "classifier"
     assert meta["arch"] == {"name": "vit_micro", "embed_dim": 128, "depth": 4, "num_heads": 4,
-                            "patch_size": 8, "img_size": 32, "num_classes": 3, "global_pool": "avg"}
+                            "patch_size": 8, "img_size": 32, "num_classes": 3, "global_pool": "avg",
+                            "head": "linear"}
     assert meta["class_counts"] == [5, 3, 1] and meta["config"]["optim"]["lr"] == 1e-3
     assert state.keys() == model.state_dict().keys()
     with pytest.raises(CheckpointError, match="disagrees.*patch_size"):

@@ -299,9 +299,15 @@ def get(cfg, key: str):
     return functools.reduce(getattr, key.split("."), cfg)
 
 
+def item_types(tp, n: int) -> tuple:
+    """The item types of a tuple type for n items: tuple[int, ...] is variadic."""
+    args = typing.get_args(tp)
+    return (args[0],) * n if len(args) == 2 and args[1] is Ellipsis else args
+
+
 def has_type(value, tp) -> bool:
     if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
+        args = item_types(tp, len(value)) if isinstance(value, tuple) else ()
         return isinstance(value, tuple) and len(value) == len(args) and all(map(has_type, value, args))
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -336,7 +342,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 def render(value, tp) -> str:
     """A typed value as a command-line string."""
     if typing.get_origin(tp) is tuple:
-        return ",".join(render(v, t) for v, t in zip(value, typing.get_args(tp), strict=True))
+        return ",".join(render(v, t) for v, t in zip(value, item_types(tp, len(value)), strict=True))
     if tp is bool:
         return value if isinstance(value, str) else str(value).lower()
     return repr(value) if tp is float else str(value)
@@ -344,7 +350,10 @@ def render(value, tp) -> str:
 
 def typed_value(tp):
     if typing.get_origin(tp) is tuple:
-        return st.tuples(*(typed_value(t) for t in typing.get_args(tp)))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return st.lists(typed_value(args[0]), min_size=1, max_size=3).map(tuple)
+        return st.tuples(*(typed_value(t) for t in args))
     return {int: st.integers(-(10**30), 10**30), float: st.floats(allow_nan=False),
             bool: st.one_of(st.booleans(), st.sampled_from(["yes", "no", "1", "0", "TRUE", "False"])),
             str: st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -353,7 +362,7 @@ def typed_value(tp):
 
 def expected_value(value, tp):
     if typing.get_origin(tp) is tuple:
-        return tuple(expected_value(v, t) for v, t in zip(value, typing.get_args(tp), strict=True))
+        return tuple(expected_value(v, t) for v, t in zip(value, item_types(tp, len(value)), strict=True))
     if tp is bool and isinstance(value, str):
         return value.lower() in ("yes", "1", "true")
     return float(value) if tp is float else value
@@ -436,7 +445,8 @@ def test_yaml_arbitrary_text_only_config_errors(work, content):
 
 @st.composite
 def valid_override(draw, stage):
-    key = draw(st.sampled_from(sorted(declared(stage))))
+    # `method` is set through the --method layer (a recipe name), not as a plain key
+    key = draw(st.sampled_from(sorted(k for k in declared(stage) if k not in c.LAYER_FLAGS)))
     tp = declared(stage)[key]
     value = draw(typed_value(tp))
     flag = "--" + (key.replace("_", "-") if draw(st.booleans()) else key)

@@ -85,6 +85,10 @@ def test_reference_init():
     proj = m.patch_embed.proj.weight  # (128, 3, 4, 4) viewed as a Linear (128, 48)
     bound = math.sqrt(6 / (128 + 48))
     assert proj.abs().max() <= bound and proj.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    # the patch-embed bias keeps PyTorch's Conv2d default, uniform(+-1/sqrt(fan_in)), as the official MAE
+    bias, fan_in_bound = m.patch_embed.proj.bias, 1 / math.sqrt(3 * 4 * 4)
+    assert bias.abs().max() <= fan_in_bound and bias.abs().max() > fan_in_bound / 2
+    assert bias.std().item() == pytest.approx(fan_in_bound / math.sqrt(3), rel=0.25)
     assert m.head.weight.std().item() == pytest.approx(2e-5, rel=0.1) and torch.all(m.head.bias == 0)
     assert m.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
 

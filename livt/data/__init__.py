@@ -4,7 +4,10 @@
     counts = train_class_counts(cfg.data)        # (C,) training images per class
 
 Splits: 'train'; 'val' for model selection; 'test' for what is reported. CIFAR and iNat18 have no
-separate val set in the field (val = test there, see their builders).
+separate val set in the field (val = test there, see their builders): `heldout_val` tells. With
+`data.val_from_train` > 0, 'val' is a stratified split carved from train and 'train' is the rest
+(`livt.data.splits.carve_val`), so the class counts, and everything computed from them, are those
+of the remaining training images.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from livt.data.splits import (
     ArrayDataset,
     LTDataset,
     SplitFileDataset,
+    SubsetDataset,
     build_imagenet_bal,
+    carve_val,
     build_split_dataset,
     read_split_file,
     resolve,
@@ -49,7 +54,17 @@ def build_dataset(cfg: DataConfig, split: str) -> LTDataset:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if cfg.dataset not in BUILDERS:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(BUILDERS)}")
+    if cfg.val_from_train and split in ("train", "val"):
+        full = BUILDERS[cfg.dataset](cfg, "train")
+        train_idx, val_idx = carve_val(full.targets, full.num_classes, cfg.val_from_train, cfg.subset_seed)
+        part = {"train": train_idx, "val": val_idx}[split]
+        return SubsetDataset(full, part, f"{full.name} ({'val carved from train' if split == 'val' else 'rest'})")
     return BUILDERS[cfg.dataset](cfg, split)
+
+
+def heldout_val(val: LTDataset, test: LTDataset) -> bool:
+    """Whether the val split is held out from what is reported (not the test split's images)."""
+    return val.source != test.source
 
 
 def train_class_counts(cfg: DataConfig) -> np.ndarray:
@@ -71,6 +86,7 @@ def train_class_counts(cfg: DataConfig) -> np.ndarray:
 
 
 __all__ = [
-    "BUILDERS", "SPLITS", "ArrayDataset", "LTDataset", "SplitFileDataset", "SyntheticLT", "build_dataset",
+    "BUILDERS", "SPLITS", "ArrayDataset", "LTDataset", "SplitFileDataset", "SubsetDataset", "SyntheticLT", "build_dataset",
+    "carve_val", "heldout_val",
     "read_split_file", "train_class_counts", "verify_images",
 ]

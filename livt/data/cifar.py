@@ -120,6 +120,7 @@ def build_cifar(cfg: DataConfig, split: str) -> ArrayDataset:
                                 cfg.subset_seed)
         images, labels = images[keep], labels[keep]
     ds = ArrayDataset(images, labels, names, f"{cfg.dataset}_{split}")
+    ds.source = f"{Path(cfg.root).resolve()} ({'train' if split == 'train' else 'test'})"  # val = test
     if split == "train":
         check_no_empty_class(ds, f"{cfg.dataset} train ({cfg.root})")
     return ds

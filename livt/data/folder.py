@@ -51,6 +51,7 @@ class FolderDataset(LTDataset):
         self.num_classes = len(class_names)
         self.class_names = list(class_names)
         self.name = name or root.name
+        self.source = str(root.resolve())
 
     def keep(self, indices: np.ndarray) -> None:
         self.paths = [self.paths[i] for i in indices]

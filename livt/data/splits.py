@@ -32,13 +32,23 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 class LTDataset(torch.utils.data.Dataset):
     """A classification dataset: `load(i)` -> (RGB PIL image, label); `targets` (N,) int64.
 
-    Subclasses set `targets`, `num_classes`, `class_names`, `name` and implement `load`.
+    Subclasses set `targets`, `num_classes`, `class_names`, `name` and implement `load`. `source` names
+    where the images come from (a list file, a folder, an array file's split): two splits with the same
+    source are the same images, which is how a val split that is the test split is recognised.
     """
 
     targets: np.ndarray
     num_classes: int
     class_names: list[str]
     name: str
+
+    @property
+    def source(self) -> str:
+        return self.__dict__.get("_source", self.name)
+
+    @source.setter
+    def source(self, value: str) -> None:
+        self.__dict__["_source"] = value
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -199,6 +209,7 @@ class SplitFileDataset(LTDataset):
         width = len(str(num_classes - 1))
         self.class_names = class_names or [f"class_{c:0{width}d}" for c in range(num_classes)]
         self.name = name or self.split_file.stem
+        self.source = str(self.split_file.resolve())
 
     def keep(self, indices: np.ndarray) -> None:
         """Keep only these entries of the list, in this order (balanced subsets)."""
@@ -214,6 +225,40 @@ class SplitFileDataset(LTDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         return open_image(self.root / self.paths[index], self.origin(index)), int(self.targets[index])
+
+
+class SubsetDataset(LTDataset):
+    """Entries `indices` of `base` (a val split carved from train, and the train split that remains)."""
+
+    def __init__(self, base: LTDataset, indices: np.ndarray, name: str) -> None:
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.targets = base.targets[self.indices]
+        self.num_classes, self.class_names, self.name = base.num_classes, base.class_names, name
+        self.source = f"{base.source} [{name}]"
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return self.base.load(int(self.indices[index]))
+
+
+def carve_val(targets: np.ndarray, num_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): a stratified val split of `fraction` of each class.
+
+    Class c of n_c images gives min(ceil(fraction * n_c), n_c - 1) images to val (a seeded draw), so every
+    class keeps at least one training image and every class with two or more appears in val. Both index
+    lists are sorted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"data.val_from_train must lie in (0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 7919])
+    val = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(targets == c)
+        k = min(int(np.ceil(fraction * len(idx))), len(idx) - 1)
+        if k > 0:
+            val.append(rng.choice(idx, size=k, replace=False))
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(targets)), val_idx)
+    return train_idx, val_idx
 
 
 def verify_images(dataset: LTDataset, max_errors: int = 20) -> list[str]:

@@ -15,7 +15,6 @@ from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-EVAL_CROP_PCT = 0.875
 
 
 def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -60,10 +59,16 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize the short side to img_size / 0.875 (bicubic), centre-crop img_size, normalise."""
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], crop: float = 0.875) -> Callable:
+    """Resize the short side to img_size / crop (bicubic), centre-crop img_size, normalise.
+
+    `crop` is the per-dataset `data.eval_crop`: 0.875 for the large sets, 1.0 (full frame) for CIFAR-sized
+    images, where an image already of img_size passes through unresampled.
+    """
+    if not 0.0 < crop <= 1.0:
+        raise ValueError(f"data.eval_crop must lie in (0, 1], got {crop}")
     return T.Compose([
-        T.Resize(int(img_size / EVAL_CROP_PCT), interpolation=InterpolationMode.BICUBIC),
+        T.Resize(int(img_size / crop), interpolation=InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),
         T.ToTensor(),
         T.Normalize(mean, std),

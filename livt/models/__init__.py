@@ -1,6 +1,78 @@
-"""Models: timm ViT encoder / classifier with the LiVT init, and the MAE that wraps the encoder."""
+"""Models: backbones (one plain dict `BACKBONES`), heads (`livt.models.heads.HEADS`), the MAE, and the
+one model-output convention of fine-tuning.
 
+Every classifier livt builds is a timm-style model: `forward_features(x)`, `forward_head(x,
+pre_logits=True)` -> pooled features (B, D), `get_classifier()` -> its head, and `forward(x)` ->
+logits (B, C), which is all that prediction, evaluation and export use. Training asks for more through
+`outputs(model, x)`: a dict with `logits` (B, C), `features` (B, D, the classifier's input) and whatever
+the head adds (`cosine`, ...). A model with several outputs of its own (branches, experts) defines
+`forward_outputs(x) -> dict` instead. Losses name the entries they need (`livt.losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from livt.models.heads import HEADS, build_head, head_name
 from livt.models.mae import MAE, create_mae
 from livt.models.vit import VIT_SIZES, create_vit, resize_pos_embed, sincos_pos_embed, vit_size
 
-__all__ = ["MAE", "VIT_SIZES", "create_mae", "create_vit", "resize_pos_embed", "sincos_pos_embed", "vit_size"]
+
+def _vit(name: str) -> Callable[..., nn.Module]:
+    def build(img_size: int, patch_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
+        return create_vit(name, img_size, patch_size, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                          global_pool="avg")
+    return build
+
+
+# name -> builder(img_size, patch_size, num_classes, drop_path_rate) of a classifier with a linear head
+BACKBONES: dict[str, Callable[..., nn.Module]] = {name: _vit(name) for name in VIT_SIZES}
+
+
+def set_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """Replace the classifier head of a timm-style model (`head` of a ViT, `fc` of a ResNet)."""
+    attr = "head" if isinstance(getattr(model, "head", None), nn.Module) else "fc"
+    setattr(model, attr, head)
+    return model
+
+
+def build_classifier(name: str, img_size: int, patch_size: int, num_classes: int, drop_path_rate: float = 0.0,
+                     head: str = "linear", head_scale: float = 30.0) -> nn.Module:
+    """The named backbone with the named head (`linear` keeps the backbone's own initialisation)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head '{head}'; choose one of {', '.join(HEADS)}")
+    model = BACKBONES[name](img_size, patch_size, num_classes, drop_path_rate)
+    if head != "linear":
+        set_head(model, build_head(head, model.num_features, num_classes, head_scale))
+    return model
+
+
+def outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """The model-output dict of `images`: logits, features and the head's extras (module docstring)."""
+    if hasattr(model, "forward_outputs"):
+        return model.forward_outputs(images)
+    features = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
+    head = model.get_classifier()
+    out = head.outputs(features) if hasattr(head, "outputs") else {"logits": head(features)}
+    return {"features": features, **out}
+
+
+class WithOutputs(nn.Module):
+    """`forward(images) -> outputs(model, images)`: what the training loop prepares (and Accelerate wraps
+    for distribution), so the loss sees the whole output dict through the wrapper's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return outputs(self.model, images)
+
+
+__all__ = ["BACKBONES", "HEADS", "MAE", "VIT_SIZES", "WithOutputs", "build_classifier", "build_head",
+           "create_mae", "create_vit", "head_name", "outputs", "resize_pos_embed", "set_head",
+           "sincos_pos_embed", "vit_size"]

@@ -90,10 +90,10 @@ def _init_vit(model: VisionTransformer) -> None:
     model.pos_embed.copy_(sincos_pos_embed(model.embed_dim, grid)[None])  # (1, 1 + L, D)
     nn.init.normal_(model.cls_token, std=0.02)
     init_linear_xavier(model)
-    # the patch-embed conv is a Linear on flattened (c, p, p) patches
+    # the patch-embed conv is a Linear on flattened (c, p, p) patches; its bias keeps PyTorch's default
+    # Conv2d init, uniform(+-1/sqrt(fan_in)), as the official MAE does (its init touches the weight only)
     proj = model.patch_embed.proj
     nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-    nn.init.zeros_(proj.bias)
     if isinstance(model.head, nn.Linear):
         trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)

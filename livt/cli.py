@@ -1,0 +1,49 @@
+"""The `livt` command: one entry point, one subcommand per tool.
+
+    livt pretrain [--data PRESET] [--key value ...]            Masked Generative Pretraining
+    livt finetune [--data PRESET] [--method NAME] [...]        fine-tuning (BFT and every method)
+    livt compare --data PRESET --methods a,b --seeds 0,1       runs methods x seeds, writes the table
+    livt predict CLASSIFIER.safetensors IMAGE [...]            top-k classes of image files
+    livt stats FILE                                            class counts, shot groups, imbalance
+
+`python pretrain_mgp.py ...` and `python finetune_bft.py ...` are the same as the first two, and
+`accelerate launch pretrain_mgp.py ...` is how to run them on several GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with a `main(argv)`, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("livt.pretrain", "Masked Generative Pretraining of a ViT encoder (MAE)"),
+    "finetune": ("livt.finetune", "fine-tuning: Balanced Fine-Tuning and the other methods"),
+    "compare": ("livt.compare", "train / evaluate methods x seeds and write the comparison table"),
+    "predict": ("livt.predict", "top-k predictions of a fine-tuned classifier for image files"),
+    "stats": ("livt.data.stats", "class counts, shot groups and imbalance of a split or count file"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: livt COMMAND [ARGS ...]   (livt COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"livt: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()
