@@ -115,3 +115,45 @@ def plot_reconstructions(original: Tensor, masked: Tensor, reconstructed: Tensor
 
 
 __all__ = ["plot_per_class_accuracy", "plot_reliability", "plot_reliability_bins", "plot_reconstructions"]
+
+
+def plot_comparison(table: list[dict], groups_path: str | Path, per_class_path: str | Path) -> None:
+    """The comparison figures of `livt compare`: accuracy per shot group per method (grouped bars, mean
+    over seeds), and per-class accuracy against training count (first seed's run of each method)."""
+    import csv
+    import io
+
+    rows = [e for e in table if e.get("top1") is not None]
+    keys = ("top1", "many", "medium", "few")
+    fig = Figure(figsize=(max(6, 1.2 * len(rows) + 2), 4), dpi=DPI)
+    ax = fig.add_subplot()
+    width = 0.8 / len(keys)
+    x = np.arange(len(rows))
+    for i, (k, color) in enumerate(zip(keys, ("0.3", *GROUP_COLORS.values()))):
+        vals = [e[k] if e[k] is not None else np.nan for e in rows]
+        errs = [e.get(k + "_std") or 0 for e in rows]
+        ax.bar(x + (i - 1.5) * width, vals, width, yerr=errs, color=color, label=k)
+    ax.set_xticks(x, [e["method"] for e in rows], rotation=30, ha="right")
+    ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="accuracy per shot group (mean over seeds)")
+    ax.legend(ncols=4, loc="upper right", fontsize="small")
+    fig.tight_layout()
+    _save(fig, groups_path)
+
+    fig = Figure(figsize=(8, 4), dpi=DPI)
+    ax = fig.add_subplot()
+    for e in rows:
+        try:
+            text = (Path(e["run_dirs"][0]) / "test_per_class.csv").read_text()
+        except (OSError, IndexError):
+            continue
+        per = sorted(csv.DictReader(io.StringIO(text)), key=lambda r: -int(r["train_count"]))
+        counts = [int(r["train_count"]) for r in per]
+        acc = [float(r["accuracy"]) if r["accuracy"] else np.nan for r in per]
+        ax.plot(counts, acc, marker="o", ms=3, lw=1, label=e["method"])
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set(xlabel="training images of the class (log)", ylabel="accuracy (%)", ylim=(0, 105),
+           title="per-class accuracy against training count")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, per_class_path)

@@ -1,0 +1,506 @@
+"""`livt compare`: run methods x seeds on one dataset and write the comparison table.
+
+    livt compare --data tiny --methods ce,bal_ce,bal_bce --seeds 0          # seconds on a CPU
+    livt compare --data cifar10_lt --methods ce,bal_bce,resnet_ce,ldam_drw --seeds 0,1,2 \\
+        --pretrained mgp --jobs 2 -- --data.root ../shared/data/cifar10
+    livt compare --list                                                     # the methods, family, paper
+
+Each (method, seed) is one fine-tuning run in its own process (`livt finetune --data D --method M --seed S
+<shared overrides>`), in the run directory its config hash names under `--output_dir`. A run that already
+finished there is reused (marked stale when it was made by another commit; `--rerun-stale` runs it again),
+an interrupted one is resumed (`--resume auto`), a failing one (bad method name, crash, non-finite stop) is
+named in the table with its error and the others go on. Methods with a stage 1 (`about.stage1` in the
+recipe: cRT, tau-norm, ...) run it first and start from its classifier (`--init_classifier`); stage-1 runs
+are shared between methods. ViT methods start from `--pretrained` (an encoder file, or `mgp` to run the
+dataset's MGP pretraining first, once) or from scratch; CNN methods always from scratch; `METHOD@scratch`
+forces a ViT method from scratch (the random-initialisation baseline).
+
+Budget: each method runs its own recipe (as the papers compare them); `--epochs N` forces N fine-tuning
+epochs on every run; the table always shows what each row spent (epochs, images seen, training time).
+With `--relative`, the balanced variant of the same data (`--data.balanced true`, same size) is also run
+for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
+A_r = A_t / max(A_v, A_b).
+
+The table is rebuilt from what the runs wrote (test_results.json, test_per_class.csv), never from memory:
+`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, and `<out>/logs/<run>.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livt import config as config_lib
+from livt.engine import provenance
+
+PRETRAIN_SHARED = ("data.", "model.name", "model.patch_size")  # shared overrides pretraining also takes
+METRICS = ("top1", "many", "medium", "few", "head", "tail", "ece", "mce", "nll")
+SCRATCH = "@scratch"
+
+
+@dataclass
+class Job:
+    """One fine-tuning (or pretraining) process of the comparison."""
+
+    key: str  # the run directory: one job per directory, however many rows need it
+    argv: list[str]
+    stage: str = "finetune"
+    deps: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending | running | done | reused | failed
+    error: str = ""
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    log: Path | None = None
+
+
+@dataclass
+class Row:
+    """One (method, seed) of the table, with the jobs it needs (its own last)."""
+
+    method: str
+    seed: int
+    balanced: bool = False
+    jobs: list[str] = field(default_factory=list)
+    error: str = ""
+    cnn: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which processes to run
+
+
+def is_cnn(cfg: config_lib.FinetuneConfig) -> bool:
+    return not cfg.model.name.startswith("vit")
+
+
+class Planner:
+    def __init__(self, args: argparse.Namespace, shared: list[str]) -> None:
+        self.args, self.shared = args, shared
+        self.jobs: dict[str, Job] = {}
+        self.encoder: str | None = None  # the ViT encoder file ViT methods start from
+
+    def add(self, job: Job) -> str:
+        self.jobs.setdefault(job.key, job)
+        return job.key
+
+    def finetune_argv(self, method: str, seed: int, balanced: bool, scratch: bool) -> list[str]:
+        argv = ["--data", self.args.data, "--method", method, "--seed", str(seed),
+                "--output_dir", self.args.output_dir, *self.shared]
+        if self.args.epochs:
+            argv += ["--optim.epochs", str(self.args.epochs)]
+        if balanced:
+            argv += ["--data.balanced", "true"]
+        cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
+        if not (cfg.from_scratch or cfg.pretrained or getattr(cfg, "init_classifier", "")):
+            if is_cnn(cfg) or scratch or self.encoder is None:
+                argv += ["--from_scratch"]
+            else:
+                argv += ["--pretrained", self.encoder]
+        return argv
+
+    def pretrain_job(self) -> str:
+        """The dataset's MGP pretraining (seed 0, shared by every ViT row), with the shared data.* and
+        model size / patch overrides, then --pretrain-args."""
+        keep = [tok for flag, *value in flag_groups(self.shared)
+                if flag.split("=")[0].removeprefix("--").replace("-", "_").startswith(PRETRAIN_SHARED)
+                for tok in (flag, *value)]
+        argv = ["--data", self.args.data, "--output_dir", self.args.output_dir, *keep,
+                *shlex.split(self.args.pretrain_args)]
+        cfg = config_lib.parse_args("pretrain", argv)
+        run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, "pretrain")
+        self.encoder = str(run_dir / "encoder.safetensors")
+        return self.add(Job(str(run_dir), argv, stage="pretrain"))
+
+    def row(self, spec: str, seed: int, balanced: bool = False, deps: tuple[str, ...] = ()) -> Row:
+        scratch = spec.endswith(SCRATCH)
+        method = spec.removesuffix(SCRATCH)
+        row = Row(spec, seed, balanced)
+        try:
+            _, _, about, _ = config_lib.read_method(method)
+            chain = []
+            if about.get("stage1"):  # stage 1 -> stage 2: the stage-2 run starts from stage 1's classifier
+                stage1 = self.row(f"{about['stage1']}{SCRATCH if scratch else ''}", seed, balanced, deps)
+                if stage1.error:
+                    raise RuntimeError(f"stage 1 ({about['stage1']}): {stage1.error}")
+                chain = stage1.jobs
+            argv = self.finetune_argv(method, seed, balanced, scratch)
+            if chain:
+                argv += ["--init_classifier", str(Path(chain[-1]) / "classifier.safetensors")]
+            cfg = config_lib.parse_args("finetune", argv)
+            row.cnn = is_cnn(cfg)
+            run_dir = str(Path(cfg.output_dir) / config_lib.run_name(cfg, "finetune"))
+            needs = list(deps) + chain[-1:] + ([self.args.pretrain_key] if "--pretrained" in argv and
+                                               self.args.pretrain_key else [])
+            row.jobs = chain + [self.add(Job(run_dir, argv, deps=needs))]
+        except (config_lib.ConfigError, ValueError, RuntimeError, OSError) as e:
+            row.error = str(e).splitlines()[0][:300]
+        return row
+
+
+def flag_groups(tokens: list[str]) -> list[list[str]]:
+    """['--a', '1', '--b=2', '--c'] -> [['--a', '1'], ['--b=2'], ['--c']]."""
+    groups: list[list[str]] = []
+    for tok in tokens:
+        if tok.startswith("--") or not groups or "=" in groups[-1][0] or len(groups[-1]) > 1:
+            groups.append([tok])
+        else:
+            groups[-1].append(tok)
+    return groups
+
+
+def results_of(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "test_results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def current_commit() -> str | None:
+    return provenance()["git_commit"]
+
+
+def is_stale(results: dict, commit: str | None) -> bool:
+    """Made by another commit than the current one (or from a tree with uncommitted changes)."""
+    prov = results.get("provenance") or {}
+    return commit is None or prov.get("git_commit") != commit or bool(prov.get("git_dirty"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: bool) -> None:
+    """Run the pending jobs, dependencies first, at most `n_parallel` at once; one line per event."""
+    commit = current_commit()
+    logs.mkdir(parents=True, exist_ok=True)
+    for job in jobs.values():
+        done_file = Path(job.key) / ("encoder.safetensors" if job.stage == "pretrain" else "test_results.json")
+        if done_file.is_file():
+            stale = job.stage == "finetune" and is_stale(results_of(job.key) or {}, commit)
+            if stale and rerun_stale:
+                job.argv = [*job.argv, "--overwrite"]
+            else:
+                job.status = "reused"
+                say(f"reused   {Path(job.key).name}{' (stale: another commit)' if stale else ''}")
+    total = sum(j.status == "pending" for j in jobs.values())
+    finished = 0
+    while True:
+        running = [j for j in jobs.values() if j.status == "running"]
+        for job in running:
+            code = job.proc.poll()
+            if code is None:
+                continue
+            finished += 1
+            elapsed = time.perf_counter() - job.started
+            if code == 0:
+                job.status = "done"
+                say(f"done     [{finished}/{total}] {Path(job.key).name} in {elapsed:.0f} s")
+            else:
+                job.status, job.error = "failed", last_error(job.log, code)
+                say(f"failed   [{finished}/{total}] {Path(job.key).name}: {job.error} (log: {job.log})")
+        pending = [j for j in jobs.values() if j.status == "pending"]
+        for job in pending:
+            dep_status = [jobs[d].status for d in job.deps]
+            if "failed" in dep_status:
+                job.status, job.error = "failed", "a run it depends on failed"
+                finished += 1
+                say(f"failed   [{finished}/{total}] {Path(job.key).name}: {job.error}")
+            elif all(s in ("done", "reused") for s in dep_status) and \
+                    sum(j.status == "running" for j in jobs.values()) < n_parallel:
+                job.log = logs / f"{Path(job.key).name}.log"
+                cmd = [sys.executable, "-m", "livt.cli", job.stage, *job.argv, "--resume", "auto"]
+                with open(job.log, "w") as f:
+                    f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+                    f.flush()
+                    job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                job.status, job.started = "running", time.perf_counter()
+                say(f"running  {Path(job.key).name} ({job.stage})")
+        if not any(j.status in ("pending", "running") for j in jobs.values()):
+            return
+        time.sleep(0.2)
+
+
+def last_error(log: Path | None, code: int) -> str:
+    """The last line of a failed run's log that names an error (its exception), else the exit code."""
+    try:
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if "Error" in line or "error:" in line.lower():
+            return line[:300]
+    return f"exit code {code}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The table, from the run directories
+
+
+def head_tail(run_dir: Path) -> tuple[float | None, float | None]:
+    """Mean per-class accuracy of the most / least frequent half of the classes (by training count)."""
+    try:
+        rows = list(csv.DictReader(io.StringIO((run_dir / "test_per_class.csv").read_text())))
+    except OSError:
+        return None, None
+    rows.sort(key=lambda r: -int(r["train_count"]))
+    acc = [float(r["accuracy"]) if r["accuracy"] else np.nan for r in rows]
+    half = len(acc) // 2
+    if half == 0:
+        return None, None
+    return float(np.nanmean(acc[:half])), float(np.nanmean(acc[-half:]))
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """Metrics and budget of one finished run, read from its files."""
+    res = results_of(run_dir) or {}
+    head, tail = head_tail(run_dir)
+    budget = res.get("budget") or {}
+    return {"top1": res.get("top1"), "many": res.get("many"), "medium": res.get("medium"),
+            "few": res.get("few"), "head": head, "tail": tail, "ece": res.get("ece"), "mce": res.get("mce"),
+            "nll": res.get("nll"), "epochs": budget.get("epochs"), "images_seen": budget.get("images_seen"),
+            "train_seconds": budget.get("train_seconds"), "selection": (res.get("selection") or {}).get("rule"),
+            "posthoc_top1": (res.get("posthoc") or {}).get("top1"),
+            "transductive_top1": (res.get("transductive") or {}).get("top1"), "results": res}
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+
+
+def build_table(rows: list[Row], jobs: dict[str, Job], commit: str | None) -> list[dict[str, Any]]:
+    """One entry per method: mean / std over its seeds of every metric, the budget, status and errors."""
+    by_method: dict[tuple[str, bool], list[Row]] = {}
+    for row in rows:
+        by_method.setdefault((row.method, row.balanced), []).append(row)
+    table = []
+    for (method, balanced), group in by_method.items():
+        records, errors, stale, seeds = [], [], False, []
+        for row in group:
+            failed = row.error or next((jobs[k].error for k in row.jobs if jobs[k].status == "failed"), "")
+            if failed:
+                errors.append(f"seed {row.seed}: {failed}")
+                continue
+            run_dir = Path(row.jobs[-1])
+            rec = run_record(run_dir)
+            if rec["top1"] is None:
+                errors.append(f"seed {row.seed}: no results in {run_dir}")
+                continue
+            # a chained row spent its stage 1 too
+            for k in row.jobs[:-1]:
+                prev = run_record(Path(k))
+                for b in ("epochs", "images_seen", "train_seconds"):
+                    if rec[b] is not None and prev[b] is not None:
+                        rec[b] += prev[b]
+            stale |= is_stale(rec["results"], commit)
+            records.append(rec)
+            seeds.append(row.seed)
+        entry: dict[str, Any] = {"method": method + (" (balanced data)" if balanced else ""),
+                                 "method_name": method.removesuffix(SCRATCH), "balanced": balanced,
+                                 "seeds": seeds, "n_failed": len(errors), "errors": errors, "stale": stale,
+                                 "per_seed_top1": [r["top1"] for r in records]}
+        for m in (*METRICS, "posthoc_top1", "transductive_top1"):
+            entry[m], entry[m + "_std"] = mean_std([r[m] for r in records])
+        for b in ("epochs", "images_seen", "train_seconds"):
+            entry[b] = mean_std([r[b] for r in records])[0]
+        entry["selection"] = ", ".join(sorted({r["selection"] for r in records if r["selection"]}))
+        entry["run_dirs"] = [str(Path(r.jobs[-1])) for r in group if r.jobs]
+        table.append(entry)
+    return table
+
+
+def add_relative(table: list[dict[str, Any]], ce_of: dict[str, str]) -> None:
+    """A_r = A_t / max(A_v, A_b) (survey Sec. 4.1) for every long-tailed row with its balanced runs."""
+    by_name = {(e["method"].removesuffix(" (balanced data)"), e["balanced"]): e for e in table}
+    for e in table:
+        if e["balanced"]:
+            continue
+        a_t = e["top1"]
+        a_b = by_name.get((e["method"], True), {}).get("top1")
+        a_v = by_name.get((ce_of.get(e["method"], ""), True), {}).get("top1")
+        if a_t is not None and a_b is not None and a_v is not None:
+            e["relative"] = 100 * a_t / max(a_v, a_b)
+
+
+def fmt(v: Any, std: Any = None) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.1f}" + (f" ± {std:.1f}" if std else "")
+    return str(v)
+
+
+def count(v: Any) -> str:
+    return "n/a" if v is None else f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
+
+
+def markdown(table: list[dict[str, Any]], header: list[str]) -> str:
+    cols = ["method", "seeds", "top-1", "many", "medium", "few", "head", "tail", "ECE", "MCE", "NLL"]
+    extra = [("post-hoc top-1", "posthoc_top1"), ("transductive top-1", "transductive_top1"),
+             ("A_r", "relative")]
+    extra = [(name, key) for name, key in extra if any(e.get(key) is not None for e in table)]
+    cols += [name for name, _ in extra] + ["epochs", "images seen", "train time (s)", "reported epoch"]
+    lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    notes = []
+    for e in table:
+        name = e["method"] + (" (stale)" if e["stale"] else "")
+        if e["errors"]:
+            name += " (failed)" if not e["seeds"] else f" ({e['n_failed']} failed)"
+            notes += [f"- {e['method']}: {err}" for err in e["errors"]]
+        cells = [name, ",".join(map(str, e["seeds"])) or "-"]
+        cells += [fmt(e[m], e[m + "_std"]) for m in METRICS]
+        cells += [fmt(e.get(key), e.get(key + "_std")) for _, key in extra]
+        cells += [count(e["epochs"]), count(e["images_seen"]), fmt(e["train_seconds"]), e["selection"] or "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Failed runs:", *notes]
+    if any(e["stale"] for e in table):
+        lines += ["", "(stale): reused from another commit or a tree with uncommitted changes; "
+                      "`--rerun-stale` re-runs them."]
+    lines += ["", "head / tail: mean per-class accuracy of the most / least frequent half of the classes. "
+                  "Mean ± std over seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict[str, Any]], path: Path) -> None:
+    keys = ["method", "seeds", *[k for m in METRICS for k in (m, m + "_std")], "posthoc_top1",
+            "transductive_top1", "relative", "epochs", "images_seen", "train_seconds", "selection", "stale",
+            "n_failed", "errors", "run_dirs"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for e in table:
+        w.writerow({**e, "seeds": " ".join(map(str, e["seeds"])), "errors": " | ".join(e["errors"]),
+                    "run_dirs": " ".join(e["run_dirs"])})
+    path.write_text(buf.getvalue())
+
+
+def machine() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}"
+    if not torch.cuda.is_available():
+        import os
+
+        dev += f", {os.cpu_count()} cores)"
+    return f"{platform.node()}: {dev}, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def list_methods() -> str:
+    lines = ["| method | family | paper | summary | stage 1 |", "|---|---|---|---|---|"]
+    for name in config_lib.methods():
+        _, _, about, _ = config_lib.read_method(name)
+        lines.append(f"| {name} | {about.get('family', '')} | {about.get('paper', '')} | "
+                     f"{about.get('summary', '')} | {about.get('stage1', '')} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    shared: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, shared = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="livt compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="demo", help="dataset preset (configs/finetune/NAME.yaml)")
+    p.add_argument("--methods", default="", help="comma-separated method names (METHOD@scratch: ViT from scratch)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--epochs", type=int, default=0, help="force this many fine-tuning epochs on every run")
+    p.add_argument("--pretrained", default="", help="ViT encoder file, or 'mgp' to pretrain first ('' = scratch)")
+    p.add_argument("--pretrain-args", default="", help="extra pretraining options, e.g. '--optim.epochs 50'")
+    p.add_argument("--relative", action="store_true", help="also run the balanced data; report A_r")
+    p.add_argument("--rerun-stale", action="store_true", help="re-run reused runs made by another commit")
+    p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
+    p.add_argument("--out", default="", help="where the table goes (default <output_dir>/compare-<data>)")
+    p.add_argument("--list", action="store_true", help="list the methods and exit")
+    args = p.parse_args(argv)
+    return args, shared
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    argv = sys.argv[1:] if argv is None else argv
+    args, shared = parse(argv)
+    if args.list:
+        print(list_methods())
+        return None
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        raise SystemExit("livt compare: give --methods a,b,... (livt compare --list shows them)")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"livt compare: --seeds expects comma-separated integers, got '{args.seeds}'") from None
+    out = Path(args.out or Path(args.output_dir) / f"compare-{args.data}")
+    started = datetime.now(timezone.utc)
+
+    planner = Planner(args, shared)
+    args.pretrain_key = ""
+    if args.pretrained == "mgp":
+        args.pretrain_key = planner.pretrain_job()
+    elif args.pretrained:
+        planner.encoder = args.pretrained
+    rows = [planner.row(m, s) for m in methods for s in seeds]
+    ce_of: dict[str, str] = {}
+    if args.relative:
+        for m in methods:  # A_v: plain CE on the same backbone family
+            cnn = any(r.method == m and r.cnn for r in rows)
+            ce_of[m] = "resnet_ce" if cnn else ("ce@scratch" if m.endswith(SCRATCH) else "ce")
+        for m in dict.fromkeys(methods + list(ce_of.values())):
+            rows += [planner.row(m, s, balanced=True) for s in seeds]
+    for row in rows:
+        if row.error:
+            say(f"failed   {row.method} seed {row.seed}: {row.error}")
+    run_jobs(planner.jobs, max(1, args.jobs), out / "logs", args.rerun_stale)
+
+    commit = current_commit()
+    table = build_table(rows, planner.jobs, commit)
+    if args.relative:
+        add_relative(table, ce_of)
+    prov = provenance()
+    header = [
+        f"# livt compare: {args.data}",
+        "",
+        f"- command: `livt compare {' '.join(shlex.quote(a) for a in argv)}`",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; machine: {machine()}",
+        f"- commit: {prov['git_commit'] or 'unknown'}{' (uncommitted changes)' if prov['git_dirty'] else ''}",
+        f"- seeds: {', '.join(map(str, seeds))}; runs under {args.output_dir}/",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(markdown(table, header))
+    write_csv(table, out / "comparison.csv")
+    (out / "comparison.json").write_text(json.dumps(table, indent=1, default=str))
+    from livt import figures
+
+    figures.plot_comparison(table, out / "shot_groups.png", out / "per_class.png")
+    say(markdown(table, header))
+    say(f"table in {out / 'comparison.md'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
