@@ -122,6 +122,8 @@ def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained
     if cfg.tta_aggregate and final:  # transductive rows beside the inductive ones (livt.aggregate)
         results["transductive"], rows = aggregate.transductive(accelerator, model, cfg, dataset, counts,
                                                                cfg.test_prior_imbalance)
+        for row in results.get("shifted", []):
+            row["transductive"] = "no"
         results.get("shifted", []).extend(rows)
     return results
 
