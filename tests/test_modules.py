@@ -96,6 +96,9 @@ def test_reslt_branch_losses_see_exactly_the_samples_of_their_group():
     touched = grad.abs().sum(-1) > 0  # (branch, sample)
     assert touched.tolist() == [[True, True, True, True], [False, True, True, False],
                                 [False, False, True, False]]
+    one_hot = torch.eye(3)[labels]  # soft targets: membership by the largest-mass class
+    assert build_loss("reslt", counts, alpha=0.9)({"logits": fused, "branch_logits": branch_logits},
+                                                  one_hot).item() == pytest.approx(loss.item(), rel=1e-6)
     # a batch without tail samples: the tail term is 0, not NaN
     head_only = build_loss("reslt", counts)({"logits": fused[:1], "branch_logits": branch_logits[:, :1]},
                                             labels[:1])
@@ -123,6 +126,8 @@ def test_sade_loss_by_hand():
                                                 "expert_logits": torch.zeros(3, 1, 2)}, torch.tensor([1]))
     expected = math.log(2) - math.log(0.25) - math.log((4 / 9) / (12 + 4 / 9))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    soft = build_loss("sade", [3, 1])({"expert_logits": torch.zeros(3, 1, 2)}, torch.tensor([[0.0, 1.0]]))
+    assert soft.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sade_experts_trained_by_their_losses_differ_on_the_tail():
