@@ -146,7 +146,8 @@ def save_model(model: nn.Module, path: str | Path, kind: str, arch: dict[str, An
     if kind == "encoder" and isinstance(model, MAE):
         model = model.encoder
     expected = MAE if kind == "mae" else VisionTransformer
-    if not isinstance(model, expected):
+    composite = kind == "classifier" and isinstance(getattr(model, "arch", None), dict)  # livt.models.MODULES
+    if not isinstance(model, expected) and not composite:
         raise CheckpointError(f"kind '{kind}' needs a {expected.__name__}, got {type(model).__name__}")
     stored = arch_of(model)
     differ = {k: v for k, v in (arch or {}).items() if k in stored and stored[k] != v}
@@ -191,6 +192,8 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
     if isinstance(model_or_meta, dict):
         return dict(model_or_meta.get("arch", model_or_meta))
     model = _unwrap(model_or_meta)
+    if isinstance(getattr(model, "arch", None), dict):  # a livt.models.MODULES model (ResLT, SADE)
+        return dict(model.arch)
     if isinstance(model, MAE):
         blocks = model.decoder_blocks
         return {**arch_of(model.encoder), "decoder_embed_dim": model.decoder_embed.out_features,
@@ -271,11 +274,16 @@ def load_classifier(
     if meta["kind"] != "classifier":
         raise CheckpointError(f"{path}: kind '{meta['kind']}', expected a classifier file")
     arch = meta["arch"]
+    from livt.models import MODULES, build_classifier, build_head, set_head
+
+    if arch.get("head") in MODULES:
+        model = build_classifier(arch["name"], arch["img_size"], arch["patch_size"], arch["num_classes"],
+                                 head=arch["head"])
+        model.load_state_dict(strip_wrapper_prefixes(state))
+        return model.to(device).eval(), meta
     model = create_vit(arch["name"], arch["img_size"], arch["patch_size"], num_classes=arch["num_classes"],
                        global_pool=arch["global_pool"])
     if arch.get("head", "linear") != "linear":
-        from livt.models import build_head, set_head
-
         set_head(model, build_head(arch["head"], model.num_features, arch["num_classes"],
                                    arch.get("head_scale", 30.0)))
     check_compatible(arch, arch_of(model), f"load_classifier({path})")

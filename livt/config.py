@@ -52,6 +52,7 @@ VOLATILE = {
     "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "max_bad_steps", "compile",
+    "tta_aggregate", "tta_epochs", "tta_lr",
 }
 SELECTION_RULES = ("auto", "best_val", "last")
 
@@ -114,7 +115,8 @@ class ModelConfig:
     name: str = "vit_base"
     """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge (see livt.models.BACKBONES)"""
     head: str = "linear"
-    """classifier head (fine-tuning): linear | cosine (see livt.models.heads.HEADS)"""
+    """classifier head (fine-tuning): linear | cosine (livt.models.heads.HEADS) | reslt (three branches, one
+    shared classifier) | sade (three experts over shared layers) (livt.models.MODULES)"""
     head_scale: float = 30.0
     """scale s of the cosine head: logits = s * cos(w_c, x)"""
     patch_size: int = 16
@@ -191,6 +193,10 @@ class LossConfig:
     """focal loss gamma"""
     cb_beta: float = 0.9999
     """class-balanced (effective number) beta"""
+    reslt_alpha: float = 0.995
+    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * sum of branch CEs"""
+    sade_lambda: float = 2.0
+    """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
 
 
 @dataclass
@@ -283,6 +289,13 @@ class FinetuneConfig(RunConfig):
     """epochs between validation passes"""
     test_prior_imbalance: float = 0.0
     """also report forward/backward long-tailed test sets of this imbalance, raw and post-hoc adjusted (0 = off)"""
+    tta_aggregate: bool = False
+    """SADE (model.head sade): also report expert weights learned on the UNLABELLED test images
+    (transductive rows, beside the inductive ones)"""
+    tta_epochs: int = 5
+    """test-time aggregation: passes over the test images, two fresh augmented views each"""
+    tta_lr: float = 0.025
+    """test-time aggregation: SGD lr (momentum 0.9, batch data.batch_size) of the expert weights"""
 
 
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from timm.data import Mixup
 
+from livt import aggregate, engine
 from livt import config as config_lib
-from livt import engine
 from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
 from livt.data import build_dataset, heldout_val, train_class_counts
 from livt.data.errors import DataError
@@ -52,6 +52,8 @@ def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
         "bal_ce": dict(tau=cfg.tau),
         "focal": dict(gamma=cfg.focal_gamma),
         "cb_ce": dict(beta=cfg.cb_beta),
+        "reslt": dict(alpha=cfg.reslt_alpha),
+        "sade": dict(lam=cfg.sade_lambda),
     }.get(cfg.name, {})
 
 
@@ -104,9 +106,12 @@ def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, 
             f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
 
 
-def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str) -> dict:
+def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str,
+                   final: bool = False) -> dict:
     """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
-    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior."""
+    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior; with
+    cfg.tta_aggregate and `final` (the test split, once), `results['transductive']` and transductive
+    shifted rows (livt.aggregate)."""
     d = cfg.data
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
     logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
@@ -114,6 +119,12 @@ def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained
     if cfg.test_prior_imbalance:
         results["shifted"] = shifted_prior_rows(logits, labels, counts, cfg.test_prior_imbalance,
                                                 trained_with, cfg.seed)
+    if cfg.tta_aggregate and final:  # transductive rows beside the inductive ones (livt.aggregate)
+        results["transductive"], rows = aggregate.transductive(accelerator, model, cfg, dataset, counts,
+                                                               cfg.test_prior_imbalance)
+        for row in results.get("shifted", []):
+            row["transductive"] = "no"
+        results.get("shifted", []).extend(rows)
     return results
 
 
@@ -155,15 +166,27 @@ def build_model(cfg: config_lib.FinetuneConfig, num_classes: int) -> torch.nn.Mo
                             m.head_scale)
 
 
+def check_tta(cfg: config_lib.FinetuneConfig) -> None:
+    if cfg.tta_aggregate and cfg.tta_epochs < 1:
+        raise config_lib.ConfigError(f"--tta_epochs: expected >= 1 with --tta_aggregate, got {cfg.tta_epochs}")
+    if cfg.tta_aggregate and not cfg.eval_only and cfg.model.head != "sade":
+        raise config_lib.ConfigError(f"--tta_aggregate: the test-time aggregation weighs experts; it needs "
+                                     f"--model.head sade, not '{cfg.model.head}'")
+
+
 def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
         raise config_lib.ConfigError(
             f"--test_prior_imbalance: expected 0 (off) or an imbalance >= 1, got {cfg.test_prior_imbalance}")
+    check_tta(cfg)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg)
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
+    if cfg.pretrained and cfg.model.head == "sade":
+        raise config_lib.ConfigError("--pretrained with --model.head sade: loading one encoder into SADE's shared "
+                                     "layers and three experts is not implemented; use --from_scratch")
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front
@@ -176,7 +199,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
-        load_encoder(model, cfg.pretrained)
+        load_encoder(getattr(model, "backbone", model), cfg.pretrained)  # ResLT: its backbone
     criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
@@ -223,7 +246,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     state, _ = load_file_with_meta(reported_path)
     classifier().load_state_dict(state)
-    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name)
+    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name, final=True)
     results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
                             "select": cfg.select}
     results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
@@ -245,9 +268,13 @@ def report(accelerator, run_dir: Path, results: dict, class_names, counts, label
            cfg: config_lib.FinetuneConfig) -> None:
     if accelerator.is_main_process:
         shifted = results.pop("shifted", None)
-        info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in ("selection", "budget") if k in results}}
+        keys = ("selection", "budget", "transductive")
+        info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in keys if k in results}}
         write_results(run_dir, results, class_names, counts, prefix="test", info=info)
-        accelerator.print(format_table([{"run": label, **results}]))
+        rows = [{"run": label, **results}]
+        if "transductive" in info:
+            rows.append({"run": f"{label}, SADE aggregation (transductive)", **info["transductive"]})
+        accelerator.print(format_table(rows))
         if shifted:
             (run_dir / "test_prior_results.json").write_text(json.dumps(shifted, indent=1))
             accelerator.print(format_table(shifted))
@@ -269,7 +296,7 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
     model = accelerator.prepare(model)
     test = build_dataset(cfg.data, "test")
     trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
-    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with)
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with, final=True)
     results["selection"] = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used",
                             "select": "n/a"}
     report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name, cfg)

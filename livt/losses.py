@@ -205,6 +205,10 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "cb_ce": cb_ce,
 }
 
+from livt.losses_modules import reslt, sade  # noqa: E402  (it imports this module's helpers)
+
+LOSSES.update(reslt=reslt, sade=sade)
+
 # Count-based losses: (per-class tensor from counts and options, kernel), so that `build_loss`
 # computes the bias/weights once and copies them to each device once rather than every step.
 _PER_CLASS = {

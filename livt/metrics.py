@@ -26,7 +26,7 @@ from livt.data.stats import shot_groups
 
 ArrayLike = Tensor | np.ndarray | Sequence
 BCE_TRAINED = ("bce", "bal_bce")
-CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce")
+CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce", "reslt", "sade")
 
 
 def _logits(x: ArrayLike) -> Tensor:
@@ -144,7 +144,7 @@ def posthoc_adjust(logits: Tensor, train_counts: ArrayLike, test_prior: ArrayLik
     """Shift logits of a model trained for a BALANCED test set to a known test prior pi_t.
 
     BCE-trained (bce, bal_bce): z + [log pi_t - log(1 - pi_t)] - [log(1/C) - log(1 - 1/C)];
-    CE-trained (ce, bal_ce, focal, cb_ce): z + log pi_t. `test_prior` may be counts or probabilities.
+    CE-trained (ce, bal_ce, focal, cb_ce, reslt, sade): z + log pi_t. `test_prior` may be counts or probabilities.
     `train_counts` only fixes C (the formulas use the uniform prior the model was balanced for).
     """
     valid = BCE_TRAINED + CE_TRAINED

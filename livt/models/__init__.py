@@ -7,6 +7,10 @@ logits (B, C), which is all that prediction, evaluation and export use. Training
 `outputs(model, x)`: a dict with `logits` (B, C), `features` (B, D, the classifier's input) and whatever
 the head adds (`cosine`, ...). A model with several outputs of its own (branches, experts) defines
 `forward_outputs(x) -> dict` instead. Losses name the entries they need (`livt.losses`).
+
+`MODULES` holds the heads that restructure the whole model around the backbone (ResLT's branches,
+SADE's experts), chosen by the same `model.head` key as `HEADS`; such a model carries `arch`, the
+build_classifier arguments that rebuild it (what `livt.checkpoint` stores).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from torch import Tensor, nn
 
 from livt.models.heads import HEADS, build_head, head_name
 from livt.models.mae import MAE, create_mae
+from livt.models.reslt import ResLTClassifier
+from livt.models.sade import SADEClassifier
 from livt.models.vit import VIT_SIZES, create_vit, resize_pos_embed, sincos_pos_embed, vit_size
 
 
@@ -31,6 +37,13 @@ def _vit(name: str) -> Callable[..., nn.Module]:
 BACKBONES: dict[str, Callable[..., nn.Module]] = {name: _vit(name) for name in VIT_SIZES}
 
 
+# head name -> model class built from a zero-argument backbone builder
+MODULES: dict[str, Callable[[Callable[[], nn.Module]], nn.Module]] = {
+    "reslt": ResLTClassifier,
+    "sade": SADEClassifier,
+}
+
+
 def set_head(model: nn.Module, head: nn.Module) -> nn.Module:
     """Replace the classifier head of a timm-style model (`head` of a ViT, `fc` of a ResNet)."""
     attr = "head" if isinstance(getattr(model, "head", None), nn.Module) else "fc"
@@ -43,8 +56,13 @@ def build_classifier(name: str, img_size: int, patch_size: int, num_classes: int
     """The named backbone with the named head (`linear` keeps the backbone's own initialisation)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
-    if head not in HEADS:
-        raise ValueError(f"unknown head '{head}'; choose one of {', '.join(HEADS)}")
+    if head not in HEADS and head not in MODULES:
+        raise ValueError(f"unknown head '{head}'; choose one of {', '.join([*HEADS, *MODULES])}")
+    if head in MODULES:
+        model = MODULES[head](lambda: BACKBONES[name](img_size, patch_size, num_classes, drop_path_rate))
+        model.arch = {"name": name, "img_size": img_size, "patch_size": patch_size, "num_classes": num_classes,
+                      "head": head}
+        return model
     model = BACKBONES[name](img_size, patch_size, num_classes, drop_path_rate)
     if head != "linear":
         set_head(model, build_head(head, model.num_features, num_classes, head_scale))
@@ -73,6 +91,6 @@ class WithOutputs(nn.Module):
         return outputs(self.model, images)
 
 
-__all__ = ["BACKBONES", "HEADS", "MAE", "VIT_SIZES", "WithOutputs", "build_classifier", "build_head",
+__all__ = ["BACKBONES", "HEADS", "MAE", "MODULES", "VIT_SIZES", "WithOutputs", "build_classifier", "build_head",
            "create_mae", "create_vit", "head_name", "outputs", "resize_pos_embed", "set_head",
            "sincos_pos_embed", "vit_size"]

@@ -1,0 +1,113 @@
+"""SADE's multi-expert model (Zhang et al., Self-Supervised Aggregation of Diverse Experts for Test-Agnostic
+Long-Tailed Recognition, NeurIPS 2022): three experts over shared early layers.
+
+`forward_outputs(x)` -> {logits: the equal-weight mean of the experts' logits (B, C), expert_logits
+(3, B, C) in the order forward (head) expert, uniform expert, backward (tail) expert}; which expert is
+which is set by the loss (`livt.losses_modules.sade`), test-time weights by `livt.aggregate`.
+
+Where a backbone splits is one entry of `SPLITS` per backbone family, `split(backbone) -> (shared,
+expert)`, both modules taken from one built backbone; each expert comes from its own independently
+initialised backbone (whose shared part is dropped), as separately initialised experts are:
+- vit: shared = patch embedding, position embedding and the first depth - depth // 3 blocks (at least
+  one block per expert: vit_micro 3 + 1, ViT-B 8 + 4); expert = the remaining blocks, pooling, fc_norm
+  and head. The last third is per expert, as ResNet-32's last of three stages is.
+- resnet (timm ResNet): shared = stem and every stage but the last; expert = the last stage, pooling,
+  fc (ResNet-50: layer4; a 3-stage CIFAR ResNet: its third stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
+from torch import Tensor, nn
+
+from livt.models.composite import Composite, backbone_groups
+
+NUM_EXPERTS = 3
+
+
+class _Features(nn.Module):
+    """A backbone cut short: its `forward_features`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+
+class ViTExpert(nn.Module):
+    """The last blocks, final norm, pooling, fc_norm and head of a ViT: tokens (B, 1 + L, D) -> (B, C)."""
+
+    def __init__(self, vit: VisionTransformer, first_block: int) -> None:
+        super().__init__()
+        self.blocks, self.norm, self.fc_norm = vit.blocks[first_block:], vit.norm, vit.fc_norm
+        self.head_drop, self.head = vit.head_drop, vit.head
+        self.pool_type, self.num_prefix_tokens = vit.global_pool, vit.num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self.blocks(x))
+        x = global_pool_nlc(x, pool_type=self.pool_type, num_prefix_tokens=self.num_prefix_tokens)  # (B, D)
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+
+def shared_depth(depth: int) -> int:
+    """ViT blocks before the experts: all but the last third (at least one block per expert)."""
+    return depth - max(1, depth // 3)
+
+
+def split_vit(vit: VisionTransformer) -> tuple[nn.Module, nn.Module]:
+    k = shared_depth(len(vit.blocks))
+    expert = ViTExpert(vit, k)
+    vit.blocks, vit.norm, vit.fc_norm = vit.blocks[:k], nn.Identity(), nn.Identity()
+    vit.reset_classifier(0)
+    return _Features(vit), expert
+
+
+def split_resnet(net: ResNet) -> tuple[nn.Module, nn.Module]:
+    stages = [getattr(net, name) for name, _ in net.named_children() if name.startswith("layer")]
+    shared = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool, *stages[:-1])
+    return shared, nn.Sequential(stages[-1], net.global_pool, net.fc)  # pooling flattens to (B, D)
+
+
+# backbone family -> split(backbone) -> (shared, expert)
+SPLITS: dict[str, Callable[[nn.Module], tuple[nn.Module, nn.Module]]] = {
+    "vit": split_vit,
+    "resnet": split_resnet,
+}
+_FAMILIES = ((VisionTransformer, "vit"), (ResNet, "resnet"))
+
+
+def family(backbone: nn.Module) -> str:
+    for cls, name in _FAMILIES:
+        if isinstance(backbone, cls):
+            return name
+    raise ValueError(f"SADE: no split for a {type(backbone).__name__} backbone; livt.models.sade.SPLITS "
+                     f"knows {', '.join(SPLITS)}")
+
+
+class SADEClassifier(Composite):
+    """Shared layers and three experts; `forward(x)` -> the mean of the experts' logits (B, C)."""
+
+    def __init__(self, build: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        backbones = [build() for _ in range(NUM_EXPERTS)]
+        groups = backbone_groups(backbones)
+        split = SPLITS[family(backbones[0])]
+        self.num_classes, self.num_features = backbones[0].num_classes, backbones[0].num_features
+        parts = [split(b) for b in backbones]
+        self.shared = parts[0][0]
+        self.experts = nn.ModuleList(expert for _, expert in parts)
+        self.carry_groups(groups)
+
+    def forward_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.shared(x)
+        expert_logits = torch.stack([expert(h) for expert in self.experts])  # (3, B, C)
+        return {"logits": expert_logits.mean(0), "expert_logits": expert_logits}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_outputs(x)["logits"]
