@@ -36,9 +36,9 @@ from livt.metrics import (
     long_tailed_test_prior,
     posthoc_adjust,
     subsample_to_prior,
-    write_results,
 )
 from livt.models import WithOutputs, build_classifier
+from livt.results import write_results
 
 
 def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
