@@ -128,7 +128,10 @@ def load_cifar(root: str | Path, kind: str, train: bool,
 def long_tail_subset(images: np.ndarray, labels: np.ndarray, num_classes: int,
                      cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """The training images kept by the exponential profile of `data.imbalance` (or its `balanced` twin),
-    n_max = the largest class; class i is the i-th most frequent one by convention (CIFAR's are equal)."""
+    n_max = the largest class; class i is the i-th most frequent one by convention (CIFAR's are equal).
+    imbalance 1 (not balanced) keeps every image."""
+    if cfg.imbalance == 1 and not cfg.balanced:
+        return images, labels  # keep all: an npz set may be long-tailed already
     n_max = int(np.bincount(labels, minlength=num_classes).max())
     keep = select_per_class(labels, train_profile(n_max, num_classes, cfg.imbalance, cfg.balanced),
                             cfg.subset_seed)
