@@ -288,8 +288,9 @@ def import_graph() -> dict[str, set[str]]:
                 deps |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                if node.level:  # relative: up (level - 1) packages from this module's package
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
                 for a in node.names:  # `from pkg import submodule` imports the submodule
                     deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base)
         graph[mod] = {d for d in deps if d in files and d != mod}
