@@ -52,7 +52,7 @@ VOLATILE = {
     "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "max_bad_steps", "compile",
-    "tta_aggregate", "tta_epochs", "tta_lr",
+    "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
 }
 SELECTION_RULES = ("auto", "best_val", "last")
 
@@ -60,9 +60,11 @@ SELECTION_RULES = ("auto", "best_val", "last")
 @dataclass
 class DataConfig:
     dataset: str = "synthetic"
-    """dataset kind: synthetic | cifar10_lt | cifar100_lt | imagenet_lt | imagenet_bal | places_lt | inat18 | folder"""
+    """dataset kind: synthetic | cifar10_lt | cifar100_lt | imagenet_lt | imagenet_bal | places_lt | inat18 | folder |
+    npz"""
     root: str = ""
-    """image root (split-file sets, folder), or the folder holding train.npz/test.npz or torchvision's CIFAR files"""
+    """image root (split-file sets, folder), or the folder holding train.npz/test.npz[/val.npz] (npz, CIFAR) or
+    torchvision's CIFAR files"""
     split_dir: str = ""
     """folder with the split files (default: root)"""
     train_file: str = ""
@@ -76,7 +78,7 @@ class DataConfig:
     num_classes: int = 10
     """number of classes (synthetic, folder; checked against the data for the others)"""
     imbalance: float = 100.0
-    """imbalance factor n_max / n_min of the exponential profile (synthetic, CIFAR-LT, folder; 1 = keep all)"""
+    """imbalance factor n_max / n_min of the exponential profile (synthetic, CIFAR-LT, npz, folder; 1 = keep all)"""
     max_per_class: int = 500
     """images of the largest class (synthetic)"""
     test_per_class: int = 100
@@ -93,6 +95,9 @@ class DataConfig:
     """normalisation mean"""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """normalisation std"""
+    normalize: str = "given"
+    """normalisation: given (data.mean / data.std) | from_train (per-channel statistics of the training
+    images, computed before the run starts and written into its config and weights)"""
     batch_size: int = 64
     """micro-batch per device; accumulation fills optim.batch_size"""
     num_workers: int = 4
@@ -249,6 +254,8 @@ class RunConfig:
     """consecutive non-finite steps before the run saves and stops"""
     compile: bool = False
     """torch.compile the model"""
+    log_with: str = "none"
+    """experiment tracker through Accelerate: none | tensorboard | wandb | mlflow (pip install 'livt[NAME]')"""
     debug_kill_at_step: int = 0
     """test only: SIGKILL this process at that optimizer step, mid-accumulation"""
 

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from livt import config as config_lib
+from livt import tracking
 from livt.data.loading import Augmented, make_loader
 from livt.data.samplers import EvalSampler, TrainSampler
 from livt.optim import build_optimizer, lr_at, set_lr
@@ -102,12 +103,15 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, log_with: str = "none", project_dir: Path | None = None) -> Accelerator:
+    """The Accelerator of a run; `log_with` (livt.tracking) logs under `project_dir`, the run directory."""
     mixed = {"auto": "bf16" if torch.cuda.is_available() else "no", "bf16": "bf16", "fp16": "fp16",
              "fp32": "no"}
     if precision not in mixed:
         raise config_lib.ConfigError(f"--precision: expected one of {', '.join(mixed)}, got '{precision}'")
-    return Accelerator(mixed_precision=mixed[precision])
+    tracker = tracking.check_tracker(log_with)
+    return Accelerator(mixed_precision=mixed[precision], log_with=tracker,
+                       project_dir=str(project_dir) if project_dir is not None else None)
 
 
 def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
@@ -140,7 +144,7 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
 
 def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
     """The accelerator and run directory of a run, with every RNG seeded from `cfg.seed`."""
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, Path(cfg.output_dir) / config_lib.run_name(cfg, stage))
     run_dir = prepare_run_dir(cfg, stage, accelerator)
     seed_step(cfg.seed, -1, 0)  # model initialisation: the same on every process
     return accelerator, run_dir
@@ -309,6 +313,7 @@ class Trainer:
         self.skipped_images = 0
         write_config(cfg, run_dir, accelerator, lr=self.plan.lr, accum_steps=self.plan.accum,
                      world_size=self.plan.world, steps_per_epoch=self.plan.steps_per_epoch)
+        tracking.start(accelerator, cfg, run_dir)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -357,6 +362,7 @@ class Trainer:
                                loss=mean_loss, lr=lr, images_per_s=interval_steps * images_per_step / dt,
                                skipped_steps=state.skipped_steps, skipped_images=self.skipped_images)
                     self.log.write(**row)
+                    tracking.log_scalars(acc, row, state.step, prefix="train/")
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                                     img_s=f"{row['images_per_s']:.0f}")
                     loss_sum.zero_()
@@ -374,6 +380,7 @@ class Trainer:
                 row = end_of_epoch(epoch)
                 if row:
                     self.log.write(step=state.step, epoch=epoch + 1, **row)
+                    tracking.log_scalars(acc, row, state.step)
             if (epoch + 1) % cfg.save_every_epochs == 0 or epoch + 1 == cfg.optim.epochs:
                 self.save()
             tick = time.perf_counter()  # evaluation and saving are not training time

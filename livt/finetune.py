@@ -21,14 +21,16 @@ import numpy as np
 import torch
 from timm.data import Mixup
 
-from livt import aggregate, engine
+from livt import aggregate, engine, tracking
 from livt import config as config_lib
+from livt.card import write_model_card
 from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
-from livt.data import build_dataset, heldout_val, train_class_counts
+from livt.data import build_dataset, heldout_val, resolve_normalization, train_class_counts
 from livt.data.errors import DataError
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe, read_class_counts
 from livt.data.transforms import eval_transform, finetune_transform
+from livt.export import pretrained_cfg
 from livt.losses import build_loss
 from livt.metrics import (
     evaluate_logits,
@@ -36,9 +38,9 @@ from livt.metrics import (
     long_tailed_test_prior,
     posthoc_adjust,
     subsample_to_prior,
-    write_results,
 )
 from livt.models import WithOutputs, build_classifier
+from livt.results import write_results
 
 
 def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
@@ -187,6 +189,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.pretrained and cfg.model.head == "sade":
         raise config_lib.ConfigError("--pretrained with --model.head sade: loading one encoder into SADE's shared "
                                      "layers and three experts is not implemented; use --from_scratch")
+    resolve_normalization(cfg)  # before the run is named: the resolved mean / std are part of its hash
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front
@@ -213,7 +216,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
                              train.num_classes, forward, optimize=model)
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                class_names=train.class_names)
+                class_names=train.class_names,
+                pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
     reported_path = run_dir / "classifier.safetensors"
     classifier = lambda: trainer.unwrapped.model  # noqa: E731
 
@@ -271,6 +275,12 @@ def report(accelerator, run_dir: Path, results: dict, class_names, counts, label
         keys = ("selection", "budget", "transductive")
         info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in keys if k in results}}
         write_results(run_dir, results, class_names, counts, prefix="test", info=info)
+        weights = "classifier.safetensors" if (run_dir / "classifier.safetensors").is_file() else cfg.checkpoint
+        write_model_card(run_dir, cfg, results, info, counts, weights)
+        step = info.get("budget", {}).get("steps", 0)
+        tracking.log_scalars(accelerator, results, step, prefix="test/")
+        tracking.log_figures(accelerator, {f"test/{name}": run_dir / f"test_{name}.png"
+                                           for name in ("per_class_accuracy", "reliability")}, step)
         rows = [{"run": label, **results}]
         if "transductive" in info:
             rows.append({"run": f"{label}, SADE aggregation (transductive)", **info["transductive"]})

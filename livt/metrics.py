@@ -9,9 +9,6 @@ Predictions and confidences use the raw logits: the Bal-CE / Bal-BCE biases are 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import tempfile
@@ -203,7 +200,8 @@ _HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL"}
 TABLE_KEYS = ("split", "top1", "top5", "many", "medium", "few", "ece", "mce")
 
 
-def _cell(v: object) -> str:
+def cell(v: object) -> str:
+    """A table cell: floats to 2 decimals, None / NaN as n/a."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, (float, np.floating)):
@@ -211,17 +209,18 @@ def _cell(v: object) -> str:
     return str(v)
 
 
-def _is_scalar(v: object) -> bool:
+def is_scalar(v: object) -> bool:
+    """Whether a results entry is a table / JSON scalar (not an array, list or dict)."""
     return v is None or isinstance(v, (int, float, str, np.integer, np.floating))
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of `rows`; columns in first-appearance order, floats to 2 decimals, None/NaN as
     n/a. Non-scalar entries (arrays, lists, dicts, e.g. an `evaluate_logits` result's) are left out."""
-    keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if _is_scalar(v)))
+    keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if is_scalar(v)))
     lines = ["| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |",
              "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -239,63 +238,5 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _json_scalar(v: object) -> object:
-    if isinstance(v, (np.integer, np.floating)):
-        v = v.item()
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def write_results(run_dir: str | Path, results: dict, class_names: Sequence[str] | None,
-                  train_counts: ArrayLike, prefix: str = "test", info: dict | None = None) -> None:
-    """Write the files of one evaluation (from `evaluate_logits`) into `run_dir`, each atomically.
-
-    <prefix>_results.json (the scalar entries, n/a as null, plus `info`: what chose the reported
-    checkpoint, the budget, provenance), <prefix>_results.md (split, top1, top5, many, medium, few, ECE,
-    MCE, then the `info` lines), <prefix>_per_class.csv (class, name, train_count, shot, n_test,
-    accuracy), <prefix>_confusion.csv (rows true label, columns prediction), and the figures
-    <prefix>_per_class_accuracy.png and <prefix>_reliability.png.
-    """
-    from livt import figures  # matplotlib is only loaded when files are written
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_counts = np.asarray(train_counts)
-    names = class_names if class_names is not None else results["class_names"]
-
-    scalars = {k: _json_scalar(v) for k, v in results.items() if _is_scalar(v)}
-    info = info or {}
-    _write_text(run_dir / f"{prefix}_results.json", json.dumps({**scalars, **info}, indent=2) + "\n")
-    row = {"split": results.get("split", prefix), **{k: results.get(k) for k in TABLE_KEYS[1:]}}
-    lines = [f"- {k}: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in info.items()]
-    _write_text(run_dir / f"{prefix}_results.md", format_table([row]) + "\n" + "".join(f"{x}\n" for x in lines))
-
-    shot = np.empty(len(train_counts), dtype=object)
-    for group, classes in shot_groups(train_counts).items():
-        shot[classes] = group
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class", "name", "train_count", "shot", "n_test", "accuracy"])
-    for c, acc in enumerate(results["per_class"]):
-        w.writerow([c, names[c], int(train_counts[c]), shot[c],
-                    int(results["test_counts"][c]), "" if np.isnan(acc) else f"{acc:.4f}"])
-    _write_text(run_dir / f"{prefix}_per_class.csv", buf.getvalue())
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true\\pred", *range(len(train_counts))])
-    w.writerows([c, *counts] for c, counts in enumerate(results["confusion"].tolist()))
-    _write_text(run_dir / f"{prefix}_confusion.csv", buf.getvalue())
-
-    figures.plot_per_class_accuracy(results["per_class"], train_counts,
-                                    run_dir / f"{prefix}_per_class_accuracy.png",
-                                    title=f"{prefix}: top-1 {_cell(results.get('top1'))}%")
-    figures.plot_reliability_bins(results["reliability"], run_dir / f"{prefix}_reliability.png")
-
-
 __all__ = ["reliability_bins", "ece_mce", "evaluate_logits", "posthoc_adjust", "long_tailed_test_prior",
-           "subsample_to_prior", "format_table", "write_results", "atomic_path"]
+           "subsample_to_prior", "format_table", "atomic_path", "cell", "is_scalar", "TABLE_KEYS"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from livt import config as config_lib
-from livt import engine
+from livt import engine, tracking
 from livt.checkpoint import arch_of, save_model
-from livt.data import build_dataset
+from livt.data import build_dataset, resolve_normalization
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import denormalize, eval_transform, pretrain_transform
@@ -44,6 +44,7 @@ def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tupl
 
 
 def run(cfg: config_lib.PretrainConfig) -> Path:
+    resolve_normalization(cfg)  # before the run is named: the resolved mean / std are part of its hash
     accelerator, run_dir = engine.start(cfg, "pretrain")
     d = cfg.data
     train = build_dataset(d, "train")
@@ -69,8 +70,9 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     def end_of_epoch(epoch: int) -> dict[str, float]:
         last = epoch + 1 == cfg.optim.epochs
         if accelerator.is_main_process and ((epoch + 1) % cfg.figure_every == 0 or last):
-            reconstruction_figure(trainer.unwrapped, figure_images.to(accelerator.device), d.mean, d.std,
-                                  run_dir / f"reconstruction_epoch{epoch + 1:04d}.png")
+            figure = run_dir / f"reconstruction_epoch{epoch + 1:04d}.png"
+            reconstruction_figure(trainer.unwrapped, figure_images.to(accelerator.device), d.mean, d.std, figure)
+            tracking.log_figures(accelerator, {"reconstruction": figure}, trainer.state.step)
         trainer.model.train()
         return {}
 

@@ -18,8 +18,8 @@ from livt.metrics import (
     posthoc_adjust,
     reliability_bins,
     subsample_to_prior,
-    write_results,
 )
+from livt.results import write_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

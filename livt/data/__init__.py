@@ -13,11 +13,12 @@ of the remaining training images.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from livt.config import DataConfig
-from livt.data.cifar import build_cifar
+from livt.config import ConfigError, DataConfig, update
+from livt.data.cifar import build_cifar, build_npz
 from livt.data.errors import DataError
 from livt.data.folder import build_folder
 from livt.data.splits import (
@@ -26,8 +27,10 @@ from livt.data.splits import (
     SplitFileDataset,
     SubsetDataset,
     build_imagenet_bal,
-    carve_val,
     build_split_dataset,
+    carve_val,
+    check_no_empty_counts,
+    class_counts,
     read_split_file,
     resolve,
     verify_images,
@@ -35,6 +38,7 @@ from livt.data.splits import (
 from livt.data.synthetic import SyntheticLT
 
 SPLITS = ("train", "val", "test")
+NORMALIZE = ("given", "from_train")
 
 BUILDERS: dict[str, Callable[[DataConfig, str], LTDataset]] = {
     "synthetic": SyntheticLT,
@@ -45,6 +49,7 @@ BUILDERS: dict[str, Callable[[DataConfig, str], LTDataset]] = {
     "places_lt": build_split_dataset,
     "inat18": build_split_dataset,
     "folder": build_folder,
+    "npz": build_npz,
 }
 
 
@@ -70,8 +75,8 @@ def heldout_val(val: LTDataset, test: LTDataset) -> bool:
 def train_class_counts(cfg: DataConfig) -> np.ndarray:
     """Training images per class, (C,) int64: from `cfg.class_counts_file` when set (evaluation without
     the training list), else from the training split."""
-    # imported here: see livt.data.splits.check_no_empty_class
-    from livt.data.stats import check_no_empty_class, class_counts, read_class_counts
+    # imported here, not at the top: `python -m livt.data.stats` must find the module not yet imported
+    from livt.data.stats import read_class_counts
 
     if not cfg.class_counts_file:
         ds = build_dataset(cfg, "train")
@@ -81,12 +86,40 @@ def train_class_counts(cfg: DataConfig) -> np.ndarray:
     if len(counts) != cfg.num_classes:
         raise DataError(f"{path}: counts for {len(counts)} classes, but data.num_classes is "
                         f"{cfg.num_classes}")
-    check_no_empty_class(counts, str(path))
+    check_no_empty_counts(counts, str(path))
     return counts
 
 
+def channel_stats(ds: LTDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of every pixel of `ds` in [0, 1], each image at its stored size."""
+    total, sq, n = np.zeros(3), np.zeros(3), 0
+    if isinstance(ds, ArrayDataset):
+        chunks = (ds.images[i:i + 1024] for i in range(0, len(ds.images), 1024))  # (n, H, W, 3) uint8
+    else:
+        chunks = (np.asarray(ds.load(i)[0].convert("RGB"))[None] for i in range(len(ds)))
+    for chunk in chunks:
+        x = chunk.reshape(-1, 3).astype(np.float64) / 255.0
+        total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
+    if n == 0:
+        raise DataError(f"{ds.name}: no images to compute the normalisation from")
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def resolve_normalization(cfg: Any) -> None:
+    """With `data.normalize from_train`, set data.mean / data.std of the stage config `cfg` to the training
+    images' statistics. Called before the run is named, so the config hash (and a resume) sees them."""
+    d = cfg.data
+    if d.normalize not in NORMALIZE:
+        raise ConfigError(f"--data.normalize: expected one of {', '.join(NORMALIZE)}, got '{d.normalize}'")
+    if d.normalize == "from_train":
+        mean, std = channel_stats(build_dataset(d, "train"))
+        update(cfg, {"data.mean": mean, "data.std": std}, "data.normalize from_train")
+
+
 __all__ = [
-    "BUILDERS", "SPLITS", "ArrayDataset", "LTDataset", "SplitFileDataset", "SubsetDataset", "SyntheticLT", "build_dataset",
-    "carve_val", "heldout_val",
-    "read_split_file", "train_class_counts", "verify_images",
+    "BUILDERS", "NORMALIZE", "SPLITS", "ArrayDataset", "LTDataset", "SplitFileDataset", "SubsetDataset",
+    "SyntheticLT", "build_dataset", "carve_val", "channel_stats", "heldout_val", "read_split_file",
+    "resolve_normalization", "train_class_counts", "verify_images",
 ]

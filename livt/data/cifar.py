@@ -13,6 +13,7 @@ optional `class_names`; or torchvision's python-format folders (`cifar-10-batche
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,33 @@ def select_per_class(targets: np.ndarray, counts: np.ndarray, seed: int) -> np.n
     return np.concatenate(keep)
 
 
-def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    with np.load(path, allow_pickle=False) as f:
-        missing = {"images", "labels"} - set(f.files)
-        if missing:
-            raise SplitFormatError(f"{path}: missing array(s) {sorted(missing)}; expected images, labels")
-        images, labels = f["images"], f["labels"].astype(np.int64)
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise SplitFormatError(f"{path}: not a readable .npz file: {e}") from None
+
+
+def read_npz_labels(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    """`labels` (N,) int64 and the optional `class_names` of an npz split; the images are not read."""
+    with _open_npz(path) as f:
+        if "labels" not in f.files:
+            raise SplitFormatError(f"{path}: no 'labels' array; expected images, labels (and class_names)")
+        labels = f["labels"]
         names = [str(n) for n in f["class_names"]] if "class_names" in f.files else None
+    if labels.ndim != 1 or not len(labels) or not np.issubdtype(labels.dtype, np.integer):
+        raise SplitFormatError(f"{path}: labels must be a non-empty 1-D integer array, got {labels.dtype} "
+                               f"{labels.shape}")
+    return labels.astype(np.int64), names
+
+
+def read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(images uint8 (N, H, W, 3), labels (N,) int64 in [0, num_classes), class_names or None) of an npz."""
+    labels, names = read_npz_labels(path)
+    with _open_npz(path) as f:
+        if "images" not in f.files:
+            raise SplitFormatError(f"{path}: no 'images' array; expected images, labels (and class_names)")
+        images = f["images"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
         raise SplitFormatError(f"{path}: images must be uint8 (N, H, W, 3) with N labels, "
                                f"got {images.dtype} {images.shape} and {labels.shape} labels")
@@ -88,7 +109,7 @@ def load_cifar(root: str | Path, kind: str, train: bool,
     root = Path(root)
     npz = root / ("train.npz" if train else "test.npz")
     if npz.is_file():
-        images, labels, names = _read_npz(npz, num_classes)
+        images, labels, names = read_npz(npz, num_classes)
         return images, labels, names or [f"class_{c:02d}" for c in range(num_classes)]
     if not (root / tv_folder).is_dir() and not download:
         raise MissingDataError(
@@ -104,6 +125,19 @@ def load_cifar(root: str | Path, kind: str, train: bool,
     return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
 
 
+def long_tail_subset(images: np.ndarray, labels: np.ndarray, num_classes: int,
+                     cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The training images kept by the exponential profile of `data.imbalance` (or its `balanced` twin),
+    n_max = the largest class; class i is the i-th most frequent one by convention (CIFAR's are equal).
+    imbalance 1 (not balanced) keeps every image."""
+    if cfg.imbalance == 1 and not cfg.balanced:
+        return images, labels  # keep all: an npz set may be long-tailed already
+    n_max = int(np.bincount(labels, minlength=num_classes).max())
+    keep = select_per_class(labels, train_profile(n_max, num_classes, cfg.imbalance, cfg.balanced),
+                            cfg.subset_seed)
+    return images[keep], labels[keep]
+
+
 def build_cifar(cfg: DataConfig, split: str) -> ArrayDataset:
     """CIFAR-10/100-LT train (long-tailed or `balanced`), balanced test; val = test (see module doc)."""
     num_classes = CIFAR[cfg.dataset][0]
@@ -115,12 +149,45 @@ def build_cifar(cfg: DataConfig, split: str) -> ArrayDataset:
                                "torchvision's CIFAR files)")
     images, labels, names = load_cifar(cfg.root, cfg.dataset, split == "train", cfg.download)
     if split == "train":
-        n_max = int(np.bincount(labels, minlength=num_classes).max())
-        keep = select_per_class(labels, train_profile(n_max, num_classes, cfg.imbalance, cfg.balanced),
-                                cfg.subset_seed)
-        images, labels = images[keep], labels[keep]
+        images, labels = long_tail_subset(images, labels, num_classes, cfg)
     ds = ArrayDataset(images, labels, names, f"{cfg.dataset}_{split}")
     ds.source = f"{Path(cfg.root).resolve()} ({'train' if split == 'train' else 'test'})"  # val = test
     if split == "train":
         check_no_empty_class(ds, f"{cfg.dataset} train ({cfg.root})")
+    return ds
+
+
+NPZ_SPLITS = {"train": "train.npz", "val": "val.npz", "test": "test.npz"}
+
+
+def build_npz(cfg: DataConfig, split: str) -> ArrayDataset:
+    """A user's own set: `data.root` holds train.npz, test.npz and optionally val.npz, each with `images`
+    uint8 (N, H, W, 3), `labels` and optional `class_names` (train's name the classes of all three).
+
+    The class count is that of train (its class_names, else its largest label + 1) and must equal
+    `data.num_classes`. Train is subsampled like CIFAR-LT (`data.imbalance`, `balanced`; 1 keeps an
+    already long-tailed set as it is). Without val.npz, val is the test split (`heldout_val` is False).
+    """
+    if not cfg.root:
+        raise MissingDataError("npz: data.root is not set (the folder holding train.npz and test.npz)")
+    root = Path(cfg.root)
+    train_path = root / NPZ_SPLITS["train"]
+    for path in (train_path, root / NPZ_SPLITS["test"]):
+        if not path.is_file():
+            raise MissingDataError(f"npz: {path} not found (data.root must hold train.npz and test.npz)")
+    train_labels, train_names = read_npz_labels(train_path)
+    num_classes = len(train_names) if train_names is not None else int(train_labels.max()) + 1
+    if cfg.num_classes != num_classes:
+        raise DataError(f"npz: {train_path} has {num_classes} classes but data.num_classes is "
+                        f"{cfg.num_classes}; set --data.num_classes {num_classes}")
+    own = split if split != "val" or (root / NPZ_SPLITS["val"]).is_file() else "test"
+    path = root / NPZ_SPLITS[own]
+    images, labels, names = read_npz(path, num_classes)
+    if split == "train":
+        images, labels = long_tail_subset(images, labels, num_classes, cfg)
+    names = train_names or names or [f"class_{c:02d}" for c in range(num_classes)]
+    ds = ArrayDataset(images, labels, names, f"npz_{split}")
+    ds.source = str(path.resolve())  # val without val.npz is the test file: the same source
+    if split == "train":
+        check_no_empty_class(ds, f"npz train ({train_path})")
     return ds

@@ -290,14 +290,26 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
     return [names[c] for c in range(num_classes)]
 
 
+def class_counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class, (C,) int64."""
+    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.int64)
+
+
+def check_no_empty_counts(counts: np.ndarray, source: str, class_names: list[str] | None = None) -> None:
+    """EmptyClassError naming the classes with no training image (their prior would be 0: log 0)."""
+    empty = np.flatnonzero(np.asarray(counts) == 0)
+    if len(empty):
+        names = [f"{c} ({class_names[c]})" if class_names else str(c) for c in empty[:10]]
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        raise EmptyClassError(
+            f"{source}: class {', '.join(names)}{more} has no training image; the class prior would be 0 "
+            f"(log 0 in the balanced losses). Drop the class or add images.")
+
+
 def check_no_empty_class(ds: LTDataset, source: str = "") -> None:
     """EmptyClassError naming the class when a training set lacks one (the list file by default)."""
-    # imported here, not at the top: the package must not import livt.data.stats, or
-    # `python -m livt.data.stats` runs it twice (runpy's RuntimeWarning)
-    from livt.data import stats
-
-    counts = stats.class_counts(ds.targets, ds.num_classes)
-    stats.check_no_empty_class(counts, source or str(getattr(ds, "split_file", ds.name)), ds.class_names)
+    check_no_empty_counts(class_counts(ds.targets, ds.num_classes),
+                          source or str(getattr(ds, "split_file", ds.name)), ds.class_names)
 
 
 def balanced_indices(labels: np.ndarray, num_classes: int, per_class: int, seed: int,

@@ -3,7 +3,11 @@
     python -m livt.data.stats ../shared/data/splits/Places_LT/Places_LT_train.txt
     # 62,500 images, 365 classes, max 4,980, min 5, imbalance 996.0, many/medium/few 131 / 163 / 71
 
-Accepts a split file (`relative/path label` per line) or a class-count file (`label count` per line).
+Accepts a split file (`relative/path label` per line), a class-count file (`label count` per line) or
+an `npz` dataset file (`labels`, optional `class_names`: `livt stats my_data/train.npz`).
+
+The dependency runs one way: this module reads the split and npz formats of livt.data.splits and
+livt.data.cifar, which never import it.
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from livt.data.errors import EmptyClassError, MissingDataError, SplitFormatError
+from livt.data.cifar import read_npz_labels
+from livt.data.errors import MissingDataError, SplitFormatError
+from livt.data.splits import class_counts, read_split_file
 
 MANY_MIN = 101  # many-shot: more than 100 training images
 FEW_MAX = 19  # few-shot: fewer than 20
 INT64_MAX = 2**63 - 1
-
-
-def class_counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
-    """Images per class, (C,) int64."""
-    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.int64)
 
 
 def shot_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -34,16 +35,6 @@ def shot_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
         "medium": np.flatnonzero((counts > FEW_MAX) & (counts < MANY_MIN)),
         "few": np.flatnonzero(counts <= FEW_MAX),
     }
-
-
-def check_no_empty_class(counts: np.ndarray, source: str, class_names: list[str] | None = None) -> None:
-    empty = np.flatnonzero(np.asarray(counts) == 0)
-    if len(empty):
-        names = [f"{c} ({class_names[c]})" if class_names else str(c) for c in empty[:10]]
-        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
-        raise EmptyClassError(
-            f"{source}: class {', '.join(names)}{more} has no training image; the class prior would be 0 "
-            f"(log 0 in the balanced losses). Drop the class or add images.")
 
 
 def read_class_counts(path: str | Path) -> np.ndarray:
@@ -89,12 +80,13 @@ def describe(counts: np.ndarray, name: str = "train") -> str:
 
 
 def counts_from_file(path: str | Path) -> np.ndarray:
-    """Class counts of a split file or of a class-count file (told apart by the first column)."""
-    from livt.data.splits import read_split_file  # the split parser lives with the datasets
-
+    """Class counts of a split file, a class-count file (told apart by the first column) or an npz file."""
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"file not found: {path}")
+    if path.suffix == ".npz":
+        labels, names = read_npz_labels(path)
+        return class_counts(labels, len(names) if names is not None else int(labels.max()) + 1)
     first = next((ln for ln in path.read_text(errors="replace").split("\n") if ln.strip()), "")
     if not first:
         raise SplitFormatError(f"{path}: empty file")
