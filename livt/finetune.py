@@ -38,7 +38,7 @@ from livt.metrics import (
     subsample_to_prior,
     write_results,
 )
-from livt.models import WithOutputs, build_classifier
+from livt.models import WithOutputs, build_classifier, is_cnn
 
 
 def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
@@ -164,6 +164,10 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
+    if cfg.pretrained and is_cnn(cfg.model.name):
+        raise config_lib.ConfigError(
+            f"--pretrained: model.name '{cfg.model.name}' is a CNN, which livt trains from random "
+            "initialisation (the pretraining stage makes ViT encoders only); use --from_scratch")
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front
@@ -173,6 +177,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
 
     model = build_model(cfg, train.num_classes)
+    if is_cnn(cfg.model.name) and accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # NHWC: the fast layout of cuDNN convolutions
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
@@ -185,7 +191,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         return criterion(net(images), target, trainer.plan.progress(step))
 
     transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
-                                   cfg.aug.color_jitter, cfg.aug.crop_scale)
+                                   cfg.aug.color_jitter, cfg.aug.crop_scale, cfg.aug.crop, cfg.aug.pad)
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
                              train.num_classes, forward, optimize=model)
