@@ -1,13 +1,15 @@
 """Hand-off weights: one `.safetensors` file per model, with its architecture and config as metadata.
 
 Kinds: 'encoder' (pretraining encoder, timm keys with the final `norm`), 'mae' (encoder under
-`encoder.` plus the decoder), 'classifier' (timm keys with `fc_norm` and `head`; loads into
-`timm.create_model('vit_*_patch16_224', num_classes=C, global_pool='avg')` as is).
+`encoder.` plus the decoder), 'classifier' (a ViT: timm keys with `fc_norm` and `head`; loads into
+`timm.create_model('vit_*_patch16_224', num_classes=C, global_pool='avg')` as is; or a CNN of
+`livt.models.cnn`: its own keys, those of timm for resnet50 / resnext50_32x4d with a linear head).
 Resumable training states are Accelerate's business, not this module's.
 
-Metadata (all strings): format_version, kind, arch (JSON: name, embed_dim, depth, num_heads,
-patch_size, img_size, num_classes, global_pool), and the caller's extras as JSON (config,
-class_counts, class_names, dataset, ...).
+Metadata (all strings): format_version, kind, arch (JSON; a ViT: name, embed_dim, depth, num_heads,
+patch_size, img_size, num_classes, global_pool; a CNN: name, img_size, num_classes; a classifier adds
+head and, for the cosine head, head_scale), and the caller's extras as JSON (config, class_counts,
+class_names, dataset, ...).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from livt.models.heads import head_name
+from livt.models import set_head
+from livt.models.cnn import create_cnn, is_cnn
+from livt.models.heads import build_head, head_name
 from livt.models.mae import MAE
 from livt.models.vit import VIT_SIZES, create_vit, resize_pos_embed, vit_size
 
@@ -134,8 +138,9 @@ def save_model(model: nn.Module, path: str | Path, kind: str, arch: dict[str, An
                **extra: Any) -> None:
     """Write `model`'s weights with livt metadata; extras are stored as JSON.
 
-    kind 'encoder' accepts the encoder or its MAE (the encoder is saved). `arch` defaults to
-    `arch_of(model)`; a given arch must agree with the model on the fields they share.
+    kind 'encoder' accepts the encoder or its MAE (the encoder is saved), 'classifier' a ViT or a CNN
+    classifier. `arch` defaults to `arch_of(model)`; a given arch must agree with the model on the
+    fields they share.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind '{kind}'; choose one of {', '.join(KINDS)}")
@@ -147,8 +152,9 @@ def save_model(model: nn.Module, path: str | Path, kind: str, arch: dict[str, An
         model = model.encoder
     expected = MAE if kind == "mae" else VisionTransformer
     composite = kind == "classifier" and isinstance(getattr(model, "arch", None), dict)  # livt.models.MODULES
-    if not isinstance(model, expected) and not composite:
-        raise CheckpointError(f"kind '{kind}' needs a {expected.__name__}, got {type(model).__name__}")
+    if not (isinstance(model, expected) or composite or (kind == "classifier" and is_cnn(model))):
+        also = " or a livt CNN" if kind == "classifier" else ""
+        raise CheckpointError(f"kind '{kind}' needs a {expected.__name__}{also}, got {type(model).__name__}")
     stored = arch_of(model)
     differ = {k: v for k, v in (arch or {}).items() if k in stored and stored[k] != v}
     if differ:
@@ -188,7 +194,7 @@ def _size_name(embed_dim: int, depth: int, num_heads: int) -> str:
 
 
 def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
-    """The arch dict of a model (ViT or MAE), of a file's meta, or an arch dict itself."""
+    """The arch dict of a model (ViT, MAE or CNN), of a file's meta, or an arch dict itself."""
     if isinstance(model_or_meta, dict):
         return dict(model_or_meta.get("arch", model_or_meta))
     model = _unwrap(model_or_meta)
@@ -198,17 +204,21 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
         blocks = model.decoder_blocks
         return {**arch_of(model.encoder), "decoder_embed_dim": model.decoder_embed.out_features,
                 "decoder_depth": len(blocks), "decoder_num_heads": blocks[0].attn.num_heads}
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"arch_of: expected a VisionTransformer, MAE or dict, got {type(model).__name__}")
-    depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
-    arch = {"name": _size_name(model.embed_dim, depth, num_heads), "embed_dim": model.embed_dim,
-            "depth": depth, "num_heads": num_heads, "patch_size": model.patch_embed.patch_size[0],
-            "img_size": model.patch_embed.img_size[0], "num_classes": model.num_classes,
-            "global_pool": model.global_pool}
+    if is_cnn(model):
+        arch = {"name": model.cnn_name, "img_size": model.img_size, "num_classes": model.num_classes}
+    elif isinstance(model, VisionTransformer):
+        depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
+        arch = {"name": _size_name(model.embed_dim, depth, num_heads), "embed_dim": model.embed_dim,
+                "depth": depth, "num_heads": num_heads, "patch_size": model.patch_embed.patch_size[0],
+                "img_size": model.patch_embed.img_size[0], "num_classes": model.num_classes,
+                "global_pool": model.global_pool}
+    else:
+        raise TypeError(f"arch_of: expected a VisionTransformer, MAE, livt CNN or dict, got {type(model).__name__}")
     if model.num_classes:
-        arch["head"] = head_name(model.head)
+        head = model.get_classifier()
+        arch["head"] = head_name(head)
         if arch["head"] == "cosine":
-            arch["head_scale"] = model.head.scale
+            arch["head_scale"] = head.scale
     return arch
 
 
@@ -243,6 +253,9 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
     missing, only the encoder's final norm may be left over; anything else is a CheckpointError.
     """
     path = Path(path)
+    if not isinstance(_unwrap(classifier), VisionTransformer):
+        raise CheckpointError(f"load_encoder({path}): pretrained encoders are ViTs; a "
+                              f"{type(classifier).__name__} trains from scratch")
     state, meta = load_file_with_meta(path)
     state = _encoder_state(strip_wrapper_prefixes(state), meta["kind"], path)
     wanted = {k: v for k, v in arch_of(classifier).items() if k != "num_classes"}
@@ -268,21 +281,25 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
 
 def load_classifier(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Rebuild a classifier from a 'classifier' file's arch metadata; returns (model in eval mode, meta)."""
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a classifier (ViT or CNN) from a 'classifier' file's arch metadata; returns (model in eval
+    mode, meta)."""
     state, meta = load_file_with_meta(path)
     if meta["kind"] != "classifier":
         raise CheckpointError(f"{path}: kind '{meta['kind']}', expected a classifier file")
     arch = meta["arch"]
-    from livt.models import MODULES, build_classifier, build_head, set_head
+    from livt.models import MODULES, build_classifier
 
     if arch.get("head") in MODULES:
-        model = build_classifier(arch["name"], arch["img_size"], arch["patch_size"], arch["num_classes"],
+        model = build_classifier(arch["name"], arch["img_size"], arch.get("patch_size", 0), arch["num_classes"],
                                  head=arch["head"])
         model.load_state_dict(strip_wrapper_prefixes(state))
         return model.to(device).eval(), meta
-    model = create_vit(arch["name"], arch["img_size"], arch["patch_size"], num_classes=arch["num_classes"],
-                       global_pool=arch["global_pool"])
+    if is_cnn(arch["name"]):
+        model = create_cnn(arch["name"], arch["img_size"], arch["num_classes"])
+    else:
+        model = create_vit(arch["name"], arch["img_size"], arch["patch_size"], num_classes=arch["num_classes"],
+                           global_pool=arch["global_pool"])
     if arch.get("head", "linear") != "linear":
         set_head(model, build_head(arch["head"], model.num_features, arch["num_classes"],
                                    arch.get("head_scale", 30.0)))

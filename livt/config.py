@@ -118,7 +118,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_base"
-    """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge (see livt.models.BACKBONES)"""
+    """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge | resnet32 | resnet50 |
+    resnext50_32x4d (see livt.models.BACKBONES; the CNNs train --from_scratch)"""
     head: str = "linear"
     """classifier head (fine-tuning): linear | cosine (livt.models.heads.HEADS) | reslt (three branches, one
     shared classifier) | sade (three experts over shared layers) (livt.models.MODULES)"""

@@ -39,7 +39,7 @@ from livt.metrics import (
     posthoc_adjust,
     subsample_to_prior,
 )
-from livt.models import WithOutputs, build_classifier
+from livt.models import WithOutputs, build_classifier, is_cnn
 from livt.results import write_results
 
 
@@ -189,6 +189,10 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.pretrained and cfg.model.head == "sade":
         raise config_lib.ConfigError("--pretrained with --model.head sade: loading one encoder into SADE's shared "
                                      "layers and three experts is not implemented; use --from_scratch")
+    if cfg.pretrained and is_cnn(cfg.model.name):
+        raise config_lib.ConfigError(
+            f"--pretrained: model.name '{cfg.model.name}' is a CNN, which livt trains from random "
+            "initialisation (the pretraining stage makes ViT encoders only); use --from_scratch")
     resolve_normalization(cfg)  # before the run is named: the resolved mean / std are part of its hash
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
@@ -199,6 +203,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
 
     model = build_model(cfg, train.num_classes)
+    if is_cnn(cfg.model.name) and accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # NHWC: the fast layout of cuDNN convolutions
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
@@ -211,7 +217,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         return criterion(net(images), target, trainer.plan.progress(step))
 
     transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
-                                   cfg.aug.color_jitter, cfg.aug.crop_scale)
+                                   cfg.aug.color_jitter, cfg.aug.crop_scale, cfg.aug.crop, cfg.aug.pad)
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
                              train.num_classes, forward, optimize=model)

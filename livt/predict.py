@@ -2,8 +2,9 @@
 
     python -m livt.predict checkpoints/demo-bft/classifier.safetensors img1.jpg img2.png --topk 5
 
-Uses the preprocessing of evaluation (resize to size / 0.875, centre crop, the normalisation stored in
-the file's config) and the raw logits (the balanced losses' bias is a training device only).
+Uses the preprocessing of evaluation (resize to size / eval_crop, centre crop, the eval crop and the
+normalisation stored in the file's config: the full frame for CIFAR-sized images) and the raw logits (the
+balanced losses' bias is a training device only).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def predict(checkpoint: str | Path, images: list[str | Path], topk: int = 5,
     data = meta.get("config", {}).get("data", {})
     arch = meta["arch"]
     transform = eval_transform(arch["img_size"], data.get("mean", (0.485, 0.456, 0.406)),
-                               data.get("std", (0.229, 0.224, 0.225)))
+                               data.get("std", (0.229, 0.224, 0.225)), data.get("eval_crop", 0.875))
     names = meta.get("class_names") or [str(c) for c in range(arch["num_classes"])]
     batch = torch.stack([transform(open_image(p)) for p in images]).to(device)
     probs = model(batch).float().softmax(-1)

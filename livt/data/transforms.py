@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import RandAugment, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+CROPS = ("rrc", "pad")
 
 
 def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -29,21 +31,53 @@ def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float
 
 def finetune_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
                        rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                       color_jitter: float = 0.0, crop_scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
-    """BFT: timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing in pixel mode).
+                       color_jitter: float = 0.0, crop_scale: tuple[float, float] = (0.08, 1.0),
+                       crop: str = "rrc", pad: int = 4) -> Callable:
+    """The fine-tuning training transform: a crop, horizontal flip, RandAugment, normalise, random erasing
+    (pixel mode).
 
-    `rand_augment` '' turns RandAugment off; colour jitter applies only then (timm skips it otherwise).
+    crop 'rrc' (BFT, the large sets): timm's transform with RandomResizedCrop over `crop_scale`. crop 'pad'
+    (the CIFAR recipe of the CNN baselines): resize the short side to img_size (a no-op on 32 px images at
+    img_size 32), pad `pad` zero pixels on every side and take a random img_size crop. `rand_augment` ''
+    turns RandAugment off, reprob 0 erasing; colour jitter applies only without RandAugment (as timm).
     """
-    transform = create_transform(
-        input_size=img_size, is_training=True, scale=tuple(crop_scale), auto_augment=rand_augment or None,
-        color_jitter=color_jitter or None, interpolation="bicubic", re_prob=reprob, re_mode="pixel",
-        re_count=1, mean=tuple(mean), std=tuple(std))
+    if crop not in CROPS:
+        raise ValueError(f"aug.crop: expected one of {', '.join(CROPS)}, got '{crop}'")
+    if crop == "rrc":
+        transform = create_transform(
+            input_size=img_size, is_training=True, scale=tuple(crop_scale), auto_augment=rand_augment or None,
+            color_jitter=color_jitter or None, interpolation="bicubic", re_prob=reprob, re_mode="pixel",
+            re_count=1, mean=tuple(mean), std=tuple(std))
+    else:
+        transform = _pad_crop_transform(img_size, mean, std, rand_augment, reprob, color_jitter, pad)
     for t in transform.transforms:
         if isinstance(t, RandAugment):
             for op in t.ops:
                 if op.name.startswith("Posterize"):
                     op.aug_fn = _posterize
     return transform
+
+
+def _pad_crop_transform(img_size: int, mean: Sequence[float], std: Sequence[float], rand_augment: str,
+                        reprob: float, color_jitter: float, pad: int) -> T.Compose:
+    """Pad-and-crop + flip, then the optional parts in timm's order and with timm's settings."""
+    if pad < 0:
+        raise ValueError(f"aug.pad must be >= 0, got {pad}")
+    steps: list[Callable] = [
+        T.Resize(img_size, interpolation=InterpolationMode.BICUBIC),
+        T.RandomCrop(img_size, padding=pad),
+        T.RandomHorizontalFlip(),
+    ]
+    if rand_augment:
+        steps.append(rand_augment_transform(rand_augment, dict(
+            translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean),
+            interpolation=Image.BICUBIC)))
+    elif color_jitter:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if reprob:
+        steps.append(RandomErasing(reprob, mode="pixel", max_count=1, device="cpu"))
+    return T.Compose(steps)
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:

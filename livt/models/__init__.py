@@ -1,5 +1,5 @@
-"""Models: backbones (one plain dict `BACKBONES`), heads (`livt.models.heads.HEADS`), the MAE, and the
-one model-output convention of fine-tuning.
+"""Models: backbones (one plain dict `BACKBONES`: the ViT sizes and the CNNs of `livt.models.cnn`),
+heads (`livt.models.heads.HEADS`), the MAE, and the one model-output convention of fine-tuning.
 
 Every classifier livt builds is a timm-style model: `forward_features(x)`, `forward_head(x,
 pre_logits=True)` -> pooled features (B, D), `get_classifier()` -> its head, and `forward(x)` ->
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from livt.models.cnn import CNNS, create_cnn, is_cnn
 from livt.models.heads import HEADS, build_head, head_name
 from livt.models.mae import MAE, create_mae
 from livt.models.reslt import ResLTClassifier
@@ -33,8 +34,17 @@ def _vit(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _cnn(name: str) -> Callable[..., nn.Module]:
+    def build(img_size: int, patch_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
+        return create_cnn(name, img_size, num_classes, drop_path_rate)  # no patches: patch_size unused
+    return build
+
+
 # name -> builder(img_size, patch_size, num_classes, drop_path_rate) of a classifier with a linear head
-BACKBONES: dict[str, Callable[..., nn.Module]] = {name: _vit(name) for name in VIT_SIZES}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    **{name: _vit(name) for name in VIT_SIZES},
+    **{name: _cnn(name) for name in CNNS},
+}
 
 
 # head name -> model class built from a zero-argument backbone builder
@@ -91,6 +101,6 @@ class WithOutputs(nn.Module):
         return outputs(self.model, images)
 
 
-__all__ = ["BACKBONES", "HEADS", "MAE", "MODULES", "VIT_SIZES", "WithOutputs", "build_classifier", "build_head",
-           "create_mae", "create_vit", "head_name", "outputs", "resize_pos_embed", "set_head",
-           "sincos_pos_embed", "vit_size"]
+__all__ = ["BACKBONES", "CNNS", "HEADS", "MAE", "MODULES", "VIT_SIZES", "WithOutputs", "build_classifier",
+           "build_head", "create_cnn", "create_mae", "create_vit", "head_name", "is_cnn", "outputs",
+           "resize_pos_embed", "set_head", "sincos_pos_embed", "vit_size"]

@@ -12,7 +12,9 @@ initialised backbone (whose shared part is dropped), as separately initialised e
   one block per expert: vit_micro 3 + 1, ViT-B 8 + 4); expert = the remaining blocks, pooling, fc_norm
   and head. The last third is per expert, as ResNet-32's last of three stages is.
 - resnet (timm ResNet): shared = stem and every stage but the last; expert = the last stage, pooling,
-  fc (ResNet-50: layer4; a 3-stage CIFAR ResNet: its third stage).
+  fc (ResNet-50: layer4).
+- resnet32 (livt's CIFAR ResNet-32): shared = stem and the first two stages; expert = the third stage,
+  pooling, fc (SADE's CIFAR split).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import Tensor, nn
 
+from livt.models.cnn import ResNetCifar
 from livt.models.composite import Composite, backbone_groups
 
 NUM_EXPERTS = 3
@@ -74,12 +77,19 @@ def split_resnet(net: ResNet) -> tuple[nn.Module, nn.Module]:
     return shared, nn.Sequential(stages[-1], net.global_pool, net.fc)  # pooling flattens to (B, D)
 
 
+def split_resnet32(net: ResNetCifar) -> tuple[nn.Module, nn.Module]:
+    """ResNet-32: shared = stem and the first two stages; expert = the third stage, pooling, fc."""
+    shared = nn.Sequential(net.conv1, net.bn1, nn.ReLU(), net.layer1, net.layer2)
+    return shared, nn.Sequential(net.layer3, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.fc)
+
+
 # backbone family -> split(backbone) -> (shared, expert)
 SPLITS: dict[str, Callable[[nn.Module], tuple[nn.Module, nn.Module]]] = {
     "vit": split_vit,
     "resnet": split_resnet,
+    "resnet32": split_resnet32,
 }
-_FAMILIES = ((VisionTransformer, "vit"), (ResNet, "resnet"))
+_FAMILIES = ((VisionTransformer, "vit"), (ResNet, "resnet"), (ResNetCifar, "resnet32"))
 
 
 def family(backbone: nn.Module) -> str:
