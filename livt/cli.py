@@ -5,6 +5,7 @@
     livt compare --data PRESET --methods a,b --seeds 0,1       runs methods x seeds, writes the table
     livt predict CLASSIFIER.safetensors IMAGE [...]            top-k classes of image files
     livt stats FILE                                            class counts, shot groups, imbalance
+    livt bench [--tiny] [--compile] [--jpeg-root DIR]          throughput, MFU, x an in-process reference
 
 `python pretrain_mgp.py ...` and `python finetune_bft.py ...` are the same as the first two, and
 `accelerate launch pretrain_mgp.py ...` is how to run them on several GPUs.
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("livt.compare", "train / evaluate methods x seeds and write the comparison table"),
     "predict": ("livt.predict", "top-k predictions of a fine-tuned classifier for image files"),
     "stats": ("livt.data.stats", "class counts, shot groups and imbalance of a split or count file"),
+    "bench": ("livt.bench", "training-step throughput of both stages against an in-process reference step"),
 }
 
 

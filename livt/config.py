@@ -109,6 +109,9 @@ class DataConfig:
     the class counts are those of what remains); 0 = the dataset's own val split"""
     eval_crop: float = 0.875
     """evaluation crop ratio: resize to img_size / eval_crop, centre-crop img_size (1.0 = full frame)"""
+    on_device: bool = False
+    """hold the training set on the device as uint8 and crop / flip / normalise batches there, no workers
+    (in-memory sets: CIFAR, synthetic; fine-tuning needs aug.rand_augment '', aug.reprob 0)"""
     skip_bad_images: bool = False
     """skip unreadable images (counted and reported at the end) instead of stopping"""
     download: bool = False

@@ -8,6 +8,11 @@ because exact resumption depends on them:
   sample's augmentation is seeded from (seed, epoch, index) (`livt.data.loading.Augmented`), so a
   resumed run draws the same masks, mixup pairs, drop paths and augmentations as an uninterrupted one;
 - data order: the sampler is a function of (seed, epoch) and can start in the middle of an epoch.
+
+No host sync on the critical path of a step: whether a step was finite and whether a process was asked
+to stop are computed on the device (and all-reduced, so every rank decides alike); a non-finite step is
+skipped on the device by the fused optimizer (its `found_inf`), and the host reads the decision one step
+late, while the next step already runs, or at the next log / save / epoch end (`Trainer.settle`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from livt import config as config_lib
 from livt import tracking
 from livt.data.loading import Augmented, make_loader
 from livt.data.samplers import EvalSampler, TrainSampler
+from livt.models import compile_blocks
 from livt.optim import build_optimizer, lr_at, set_lr
 
 STATE_DIR = "state"
@@ -300,17 +306,21 @@ class Trainer:
         self.plan = Plan.make(cfg.optim, cfg.data.batch_size, accelerator.num_processes,
                               self.sampler.batches_per_epoch)
         model.to(accelerator.device)
+        if any(p.dim() == 4 for n, p in model.named_parameters() if "patch_embed" not in n):
+            model.to(memory_format=torch.channels_last)  # CNNs: NHWC convolutions (ViTs: only the patch conv)
         # the optimizer's parameter groups come from `optimize` (default: the model itself), so a wrapper
         # such as livt.models.WithOutputs keeps the inner model's layer-decay / no-decay grouping
         optimizer = build_optimizer(optimize if optimize is not None else model, cfg.optim, self.plan.lr)
         if cfg.compile:
-            model = torch.compile(model)
+            compile_blocks(model)  # regional, in place: state-dict keys stay free of `_orig_mod.`
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.state)
         self.log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
         self.stop = StopSignal()
         self.skipped_images = 0
+        self.pending: tuple[torch.Tensor, Any] | None = None  # the last step's flags, not yet read
+        self.stop_agreed = False  # every rank has seen a stop request (set by `settle`)
         write_config(cfg, run_dir, accelerator, lr=self.plan.lr, accum_steps=self.plan.accum,
                      world_size=self.plan.world, steps_per_epoch=self.plan.steps_per_epoch)
         tracking.start(accelerator, cfg, run_dir)
@@ -326,6 +336,7 @@ class Trainer:
             self.acc.print(f"resumed from {path} at step {self.state.step}")
 
     def save(self) -> Path:
+        self.settle()  # the counters saved include the last step's
         return save_training_state(self.acc, self.run_dir, self.state.step, self.cfg.keep_last)
 
     def fit(self, end_of_epoch: Callable[[int], dict[str, float]] | None = None) -> None:
@@ -348,7 +359,7 @@ class Trainer:
             for _ in range(first, plan.steps_per_epoch):
                 lr = plan.lr_at(state.step, cfg.optim)
                 set_lr(self.optimizer, lr)
-                loss = self._step(batches, epoch)
+                loss = self._step(batches)
                 now = time.perf_counter()
                 state.train_seconds += now - tick
                 tick = now
@@ -356,6 +367,7 @@ class Trainer:
                 interval_steps += 1
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == plan.total_steps:
+                    self.settle()  # the interval ends with a sync anyway: read the last step's flags
                     mean_loss = (loss_sum / interval_steps).item()  # the one sync per interval
                     dt = time.perf_counter() - t0
                     row = dict(step=state.step, epoch=round(state.step / plan.steps_per_epoch, 3),
@@ -370,12 +382,13 @@ class Trainer:
                 mid_epoch = state.step % plan.steps_per_epoch != 0  # epoch ends save below
                 if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and mid_epoch:
                     self.save()
-                if self.stop.received:
+                if self.stop_agreed:
                     path = self.save()
                     acc.print(f"{self.stop.received}: saved the training state to {path}; exiting. "
                               f"Run the same command with --resume auto to continue.")
                     bar.close()
                     raise SystemExit(0)
+            self.settle()
             if end_of_epoch is not None:
                 row = end_of_epoch(epoch)
                 if row:
@@ -388,8 +401,13 @@ class Trainer:
         if self.skipped_images:
             acc.print(f"skipped {self.skipped_images} unreadable images (data.skip_bad_images)")
 
-    def _step(self, batches: Any, epoch: int) -> torch.Tensor:
-        """One optimizer step over `accum` micro-batches; returns the detached mean loss."""
+    def _step(self, batches: Any) -> torch.Tensor:
+        """One optimizer step over `accum` micro-batches; returns the detached mean loss (0 if non-finite).
+
+        Nothing here waits for the device: the step's finite / stop flags stay on it, the fused optimizer
+        skips a non-finite update there, and the host reads the previous step's flags once this step's
+        work is queued.
+        """
         acc, plan, state, cfg = self.acc, self.plan, self.state, self.cfg
         seed_step(cfg.seed, state.step, acc.process_index)
         total = torch.zeros((), device=acc.device)
@@ -416,25 +434,53 @@ class Trainer:
         flags = torch.stack([(bad_loss | bad_grad).float(), torch.tensor(float(bool(self.stop.received)),
                                                                           device=acc.device)])
         flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
-        bad, stop = (flags > 0).tolist()  # one host sync per optimizer step: all ranks decide together
-        if stop and not self.stop.received:
-            self.stop.received = "peer stop"
+        self.settle()  # the previous step's decision, read while this step runs; may save and stop
+        # the fused optimizer leaves the weights, its moments and its step count untouched where found_inf
+        # is 1 (with fp16, Accelerate's grad scaler sets found_inf from the unscaled gradients instead)
+        self.optimizer.optimizer.found_inf = (flags[0] > 0).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.pending = self._to_host(flags)
+        return torch.where(bad_loss, torch.zeros_like(total), total)
+
+    @staticmethod
+    def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying `flags` to the host; (host tensor, event to wait on, or None when already there)."""
+        if flags.device.type == "cpu":
+            return flags, None
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(flags, non_blocking=True)
+        event = torch.Event(flags.device)
+        event.record()
+        return host, event
+
+    def settle(self) -> None:
+        """Read the last step's flags (waiting only for that step): count a skipped step, note a stop
+        that any rank asked for, and after `max_bad_steps` consecutive non-finite steps save and raise."""
+        if self.pending is None:
+            return
+        (flags, event), self.pending = self.pending, None
+        if event is not None:
+            event.synchronize()
+        bad, stop = (flags > 0).tolist()
+        state = self.state
+        if stop:
+            self.stop_agreed = True
+            self.stop.received = self.stop.received or "peer stop"
         if bad:
             state.skipped_steps += 1
             state.consecutive_bad += 1
         else:
-            self.optimizer.step()
             state.consecutive_bad = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if state.consecutive_bad >= cfg.max_bad_steps:
+        if state.consecutive_bad >= self.cfg.max_bad_steps:
+            self.optimizer.zero_grad(set_to_none=True)  # a step in flight is dropped, not applied
             path = self.save()
             raise NonFiniteError(
                 f"{state.consecutive_bad} consecutive optimizer steps had a non-finite loss or gradient "
-                f"(last at step {state.step}, epoch {epoch}); the training state is saved in {path}. Try a "
-                f"lower --optim.blr, --optim.clip_grad 1.0, --precision bf16 or fp32 instead of fp16, "
-                f"or check the data for broken images.")
-        return torch.where(bad_loss, torch.zeros_like(total), total)
+                f"(last at step {state.step}, epoch {(state.step - 1) // self.plan.steps_per_epoch}); the training "
+                f"state is saved in {path}. Try a lower --optim.blr, --optim.clip_grad 1.0, --precision bf16 "
+                f"or fp32 instead of fp16, or check the data for broken images.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from livt.card import write_model_card
 from livt.checkpoint import arch_of, load_classifier, load_encoder, load_file_with_meta, save_model
 from livt.data import build_dataset, heldout_val, resolve_normalization, train_class_counts
 from livt.data.errors import DataError
+from livt.data.device import OnDevice, check_finetune_aug
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe, read_class_counts
 from livt.data.transforms import eval_transform, finetune_transform
@@ -216,10 +217,16 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         images, target = targets(images, labels)
         return criterion(net(images), target, trainer.plan.progress(step))
 
-    transform = finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
-                                   cfg.aug.color_jitter, cfg.aug.crop_scale, cfg.aug.crop, cfg.aug.pad)
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
-                             Augmented(train, transform, cfg.seed, d.skip_bad_images), train.targets,
+    if d.on_device:
+        check_finetune_aug(cfg.aug)
+        data = OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, accelerator.device, cfg.aug.crop,
+                        cfg.aug.crop_scale, cfg.aug.pad)
+    else:
+        data = Augmented(train, finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
+                                                   cfg.aug.color_jitter, cfg.aug.crop_scale, cfg.aug.crop,
+                                                   cfg.aug.pad),
+                         cfg.seed, d.skip_bad_images)
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model), data, train.targets,
                              train.num_classes, forward, optimize=model)
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names,

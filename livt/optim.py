@@ -50,10 +50,17 @@ def build_optimizer(model: nn.Module, optim: Any, lr: float) -> torch.optim.Opti
         raise ValueError(f"unknown optimizer '{optim.name}'; choose one of {', '.join(OPTIMIZERS)}")
     groups = param_groups(model, optim.weight_decay, optim.layer_decay, optim.decay_all)
     groups = [g for g in groups if g["params"]]
-    fused = next(p for g in groups for p in g["params"]).is_cuda or None
+    # fused kernels (CPU and CUDA): one launch per step, and they honour `optimizer.found_inf`, through
+    # which livt.engine.Trainer skips a non-finite step on the device without waiting for the host
     if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=fused)
-    return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, fused=fused)
+        sgd = torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
+        if optim.momentum:
+            # fused SGD fills the momentum buffers on its first step, which is left uninitialised when that
+            # step is skipped; zero buffers give the same first update (0 * momentum + grad = grad, exactly)
+            for p in (p for g in groups for p in g["params"]):
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
+    return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, fused=True)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0,

@@ -14,9 +14,10 @@ from livt import config as config_lib
 from livt import engine, tracking
 from livt.checkpoint import arch_of, save_model
 from livt.data import build_dataset, resolve_normalization
+from livt.data.device import OnDevice
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
-from livt.data.transforms import denormalize, eval_transform, pretrain_transform
+from livt.data.transforms import PRETRAIN_SCALE, denormalize, eval_transform, pretrain_transform
 from livt.figures import plot_reconstructions
 from livt.models.mae import MAE, create_mae
 
@@ -58,10 +59,11 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
         noise = mask_noise(cfg.seed, step, indices, num_patches).to(images.device, non_blocking=True)
         return mae(images, noise=noise)[0]
 
-    trainer = engine.Trainer(
-        cfg, "pretrain", accelerator, run_dir, model,
-        Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images),
-        train.targets, train.num_classes, forward)
+    data = (OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, accelerator.device, "rrc", PRETRAIN_SCALE)
+            if d.on_device else
+            Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images))
+    trainer = engine.Trainer(cfg, "pretrain", accelerator, run_dir, model, data, train.targets, train.num_classes,
+                             forward)
 
     fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed)
     step = max(1, len(train) // NUM_FIGURE_IMAGES)

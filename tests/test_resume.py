@@ -146,3 +146,20 @@ def test_crash_during_a_save_leaves_the_previous_state_usable(tmp_path, reset_ac
     assert [p.name for p in state_dirs(run_dir)] == ["step_000000005"]
     assert resolve_resume("auto", run_dir) == run_dir / "state" / "step_000000005"
     assert (run_dir / "state" / "step_000000005" / "model.safetensors").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("script, outputs, extra", [
+    ("pretrain_mgp.py", ["encoder.safetensors"], []),
+    # on-device augmentation runs crop + flip; mixup/cutmix and drop path stay on
+    ("finetune_bft.py", ["classifier_last.safetensors"], ["--from_scratch", "--aug.rand_augment", "",
+                                                          "--aug.reprob", "0"]),
+], ids=["pretrain", "finetune"])
+def test_on_device_data_sigkill_then_resume_equals_straight_run(tmp_path, script, outputs, extra):
+    extra = [*extra, "--data.on_device", "true"]
+    launch(script, tmp_path / "a", *extra)
+    killed = launch(script, tmp_path / "b", *extra, "--debug_kill_at_step", "4", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    launch(script, tmp_path / "b", *extra, "--resume", "auto")
+    for name in outputs:
+        assert_same_tensors(tmp_path / "a" / "r" / name, tmp_path / "b" / "r" / name)
+    assert metrics(tmp_path / "a" / "r") == metrics(tmp_path / "b" / "r")

@@ -89,12 +89,15 @@ def _worker_init(worker_id: int) -> None:
 def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int,
                 pin_memory: bool | None = None,
                 prefetch_factor: int | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over `sampler` (which yields (epoch, index)) with `collate`.
+    """A DataLoader over `sampler` (which yields (epoch, index)) with `collate`; for a training set held
+    on the device (`livt.data.device.OnDevice`, data.on_device) its batched loader instead.
 
     It owns a private generator so that creating iterators does not consume the global torch RNG.
     Workers persist across epochs: the sampler runs in the main process, so `set_epoch` / `set_start`
     before each `iter()` take effect, and the epoch travels with every index.
     """
+    if hasattr(dataset, "loader"):
+        return dataset.loader(sampler, batch_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False,

@@ -17,12 +17,13 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 CROPS = ("rrc", "pad")
+PRETRAIN_SCALE = (0.2, 1.0)  # MGP's RandomResizedCrop area range (the MAE recipe)
 
 
 def pretrain_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """MGP: RandomResizedCrop (scale 0.2-1, bicubic) + horizontal flip + normalise."""
     return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(img_size, scale=PRETRAIN_SCALE, interpolation=InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),

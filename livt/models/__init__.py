@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from livt.models.cnn import CNNS, create_cnn, is_cnn
@@ -89,6 +90,16 @@ def outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     return {"features": features, **out}
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile the repeated blocks of `model` in place (regional compilation: each distinct block is
+    compiled once and reused, so compiling takes seconds, not minutes); the whole model when it has none.
+    Compiled in place, the state dict keeps its keys (no `_orig_mod.`). Returns the blocks compiled."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks or [model]:
+        block.compile()
+    return len(blocks)
+
+
 class WithOutputs(nn.Module):
     """`forward(images) -> outputs(model, images)`: what the training loop prepares (and Accelerate wraps
     for distribution), so the loss sees the whole output dict through the wrapper's forward."""
@@ -102,5 +113,5 @@ class WithOutputs(nn.Module):
 
 
 __all__ = ["BACKBONES", "CNNS", "HEADS", "MAE", "MODULES", "VIT_SIZES", "WithOutputs", "build_classifier",
-           "build_head", "create_cnn", "create_mae", "create_vit", "head_name", "is_cnn", "outputs",
+           "build_head", "compile_blocks", "create_cnn", "create_mae", "create_vit", "head_name", "is_cnn", "outputs",
            "resize_pos_embed", "set_head", "sincos_pos_embed", "vit_size"]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one run (H200/H100: about 4 minutes), tables under $OUT:
+#     OUT=/tmp/bench bash benchmarks/gpu_all.sh
+#     OUT=/tmp/bench TINY=1 bash benchmarks/gpu_all.sh      # the same on the CPU with tiny sizes (a check)
+# 1. a JPEG tree (~80 KB 500x375 files, 100 classes, long-tailed) generated here, on local disk;
+# 2. livt bench: ViT-B/16 224 px batch 256, MGP and BFT, reference step vs livt's step eager and with
+#    regional torch.compile, model only, from on-device data and end to end from the JPEG tree.
+set -euo pipefail
+OUT=${OUT:?set OUT to the folder for the tables}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+TREE=${TREE:-$(mktemp -d)/jpeg_lt}
+if [[ -n "${TINY:-}" ]]; then
+  python3 benchmarks/jpeg_tree.py "$TREE" --classes 5 --max-per-class 40 --imbalance 4 --eval-per-class 2
+  SIZE=(--tiny --jpeg-classes 5)
+else
+  python3 benchmarks/jpeg_tree.py "$TREE" --classes 100 --max-per-class 320 --imbalance 32 --eval-per-class 2
+  WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+  SIZE=(--jpeg-classes 100 --workers "$WORKERS" --steps 20 --warmup 5)
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true; nproc; } > "$OUT/machine.txt"
+python3 -m livt.cli bench "${SIZE[@]}" --compile --jpeg-root "$TREE" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
