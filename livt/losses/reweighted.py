@@ -77,7 +77,7 @@ def _ib_kernel(logits: Tensor, targets: Tensor, features: Tensor, progress: floa
 @float32
 def _seql_kernel(logits: Tensor, targets: Tensor, rare: Tensor, gamma: float) -> Tensor:
     # beta ~ Bernoulli(gamma) per (sample, class), from the global RNG that the loop reseeds every step
-    beta = (torch.rand(logits.shape, device=logits.device) < gamma).to(logits.dtype)
+    beta = (torch.rand(logits.shape, device=logits.device, dtype=torch.float32) < gamma).to(logits.dtype)
     keep = 1.0 - beta * rare  # (B, C): w_k with y_k = 0; the label's own class is always kept
     shift = logits.detach().amax(-1, keepdim=True)
     e = (logits - shift).exp()
