@@ -402,6 +402,7 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
+SMALL = ["--data.max_per_class", "16", "--data.test_per_class", "4"]  # counts 16 .. 2: 3 steps, 20 test images
 NEW_METHODS = ["weighted_ce", "cb_focal", "cb_bce", "ldam", "lade", "ib", "seql", "cdt", "gbl"]
 
 
@@ -409,7 +410,7 @@ NEW_METHODS = ["weighted_ce", "cb_focal", "cb_bce", "ldam", "lade", "ib", "seql"
 def test_tiny_finetune_run_per_method(tmp_path, method, reset_accelerate):
     extra = ["--posthoc"] if method == "ldam" else []
     run_dir = finetune.main(["--data", "tiny", "--from_scratch", "--method", method, "--optim.epochs", "1",
-                             "--output_dir", str(tmp_path), "--run_name", method, *extra])
+                             *SMALL, "--output_dir", str(tmp_path), "--run_name", method, *extra])
     results = json.loads((run_dir / "test_results.json").read_text())
     assert results["method"] == method and results["loss"] == c.read_method(method)[1]["loss.name"]
     assert 0 <= results["top1"] <= 100 and math.isfinite(results["nll"])
@@ -425,7 +426,7 @@ def test_tiny_finetune_run_per_method(tmp_path, method, reset_accelerate):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         # the same from --eval_only; tau = 0 would leave the raw numbers
-        eval_dir = finetune.main(["--data", "tiny", "--eval_only", "--posthoc", "--checkpoint",
+        eval_dir = finetune.main(["--data", "tiny", *SMALL, "--eval_only", "--posthoc", "--checkpoint",
                                   str(run_dir / "classifier.safetensors"), "--output_dir", str(tmp_path),
                                   "--run_name", "eval"])
         again = json.loads((eval_dir / "test_results.json").read_text())
