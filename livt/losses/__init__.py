@@ -120,8 +120,8 @@ class Criterion:
                         if p.default is not inspect.Parameter.empty}
             full = {**defaults, **options}
             self._tables = make(class_counts, **full)  # (C,) float32, CPU; raises now, not at step 1
-            kernel_params = _params(self._kernel)
-            self._kernel_options = {k: v for k, v in full.items() if k in kernel_params}
+            self._kernel_params = _params(self._kernel)
+            self._kernel_options = {k: v for k, v in full.items() if k in self._kernel_params}
         else:
             self._kernel = None
 
@@ -143,7 +143,7 @@ class Criterion:
         if self._kernel is None:
             return LOSSES[self.name](**{k: supplied[k] for k in self.inputs}, **self.options)
         tables = self._device_tables(outputs[self.needs[0]].device)
-        kwargs = {k: supplied[k] for k in _params(self._kernel) if k in supplied and k != "class_counts"}
+        kwargs = {k: supplied[k] for k in self._kernel_params if k in supplied and k != "class_counts"}
         return self._kernel(**kwargs, **tables, **self._kernel_options)
 
 
