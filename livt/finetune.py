@@ -5,6 +5,9 @@ Which epoch is reported (`--select`): the best val top-1 where the val split is 
 split, or one carved from train with `--data.val_from_train`), else the last epoch; the rule and the
 epoch are written into the results. The test split is evaluated once, at the end, and never chooses
 anything; where val is the test split (CIFAR, iNat18) it is not even evaluated during training.
+`--posthoc` adds post-hoc logit adjustment z - tau log pi beside the raw result (key "posthoc" of
+test_results.json, a line of test_results.md): tau is the best val top-1 over `POSTHOC_TAUS` where the
+val split is held out, else fixed at 1, and the file says which.
 Outputs in the run directory: classifier.safetensors (reported), classifier_last.safetensors,
 test_results.{json,md}, per-class accuracy and confusion CSVs, two figures, config.yaml,
 metrics.jsonl, training states.
