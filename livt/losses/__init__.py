@@ -38,7 +38,17 @@ import torch
 from torch import Tensor
 
 from livt.losses import balanced, margin, reweighted
-from livt.losses.balanced import BIAS_VARIANTS, bal_bce, bal_bce_bias, bal_ce, bce_kernel, ce_kernel, gbl, gbl_alpha, lade
+from livt.losses.balanced import (
+    BIAS_VARIANTS,
+    bal_bce,
+    bal_bce_bias,
+    bal_ce,
+    bce_kernel,
+    ce_kernel,
+    gbl,
+    gbl_alpha,
+    lade,
+)
 from livt.losses.core import Counts, cb_weights, counts64, inverse_frequency_weights, prior
 from livt.losses.margin import cdt, cdt_temperatures, ldam, ldam_margins
 from livt.losses.reweighted import cb_bce, cb_ce, cb_focal, focal, ib, seql, weighted_ce
