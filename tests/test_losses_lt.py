@@ -397,7 +397,7 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
-SMALL = ["--data.max_per_class", "16", "--data.test_per_class", "4"]  # counts 16 .. 2: 3 steps, 20 test images
+SMALL = ["--data.max_per_class", "16", "--data.test_per_class", "10"]  # counts 16 .. 2: 3 steps; val 2 per class
 NEW_METHODS = ["weighted_ce", "cb_focal", "cb_bce", "ldam", "lade", "ib", "seql", "cdt", "gbl"]
 
 
