@@ -51,8 +51,8 @@ class ConfigError(ValueError):
 VOLATILE = {
     "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
-    "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "max_bad_steps", "compile",
-    "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
+    "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "posthoc", "max_bad_steps",
+    "compile", "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
 }
 SELECTION_RULES = ("auto", "best_val", "last")
 
@@ -189,7 +189,8 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     name: str = "bal_bce"
-    """loss (see livt.losses.LOSSES): ce | bce | bal_ce | bal_bce | focal | cb_ce | ..."""
+    """loss (livt.losses.LOSSES): ce | bce | bal_ce | bal_bce | focal | cb_ce | cb_focal | cb_bce | weighted_ce |
+    ldam | lade | ib | seql | cdt | gbl"""
     tau: float = 1.0
     """scale of the logit bias (Bal-CE, Bal-BCE)"""
     bias: str = "eq10"
@@ -201,7 +202,33 @@ class LossConfig:
     focal_gamma: float = 2.0
     """focal loss gamma"""
     cb_beta: float = 0.9999
-    """class-balanced (effective number) beta"""
+    """class-balanced (effective number) beta (cb_ce, cb_focal, cb_bce)"""
+    ldam_s: float = 30.0
+    """LDAM scale s of the cosine logits (margins in training only; prediction uses the head's s * cos)"""
+    ldam_max_margin: float = 0.5
+    """LDAM margin of the rarest class (m_c ~ n_c^(-1/4))"""
+    drw_start: float = 0.8
+    """LDAM deferred re-weighting: class-balanced weights from this fraction of training on (>= 1 = off)"""
+    drw_beta: float = 0.9999
+    """LDAM deferred re-weighting: effective-number beta of its weights"""
+    lade_alpha: float = 0.1
+    """LADE weight of the LADER regulariser (0.1 CIFAR-100-LT, 0.005 ImageNet-LT in the paper)"""
+    lade_lambda: float = 0.1
+    """LADE ReMINE penalty lambda on the squared log-partition"""
+    ib_alpha: float = 1000.0
+    """IB loss scale alpha"""
+    ib_start: float = 0.5
+    """IB loss: plain CE until this fraction of training, then the influence-balanced weights"""
+    seql_gamma: float = 0.9
+    """SEQL probability that a rare negative class leaves the softmax denominator"""
+    seql_threshold: float = 1e-3
+    """SEQL frequency threshold lambda: classes with n_c / N below it count as rare"""
+    cdt_gamma: float = 0.2
+    """CDT exponent: training logits z_c / (n_max / n_c)^gamma"""
+    gbl_s: float = 1.0
+    """GBL scale s of alpha = s (c^progress - 1) (1 CIFAR-100-LT / ImageNet-LT, 0.5 iNat18)"""
+    gbl_c: float = 2.0
+    """GBL base c of alpha = s (c^progress - 1) (2 = convex, the paper's best)"""
     reslt_alpha: float = 0.995
     """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * sum of branch CEs"""
     sade_lambda: float = 2.0
@@ -307,6 +334,8 @@ class FinetuneConfig(RunConfig):
     """test-time aggregation: passes over the test images, two fresh augmented views each"""
     tta_lr: float = 0.025
     """test-time aggregation: SGD lr (momentum 0.9, batch data.batch_size) of the expert weights"""
+    posthoc: bool = False
+    """also report post-hoc logit adjustment z - tau log pi (tau swept on a held-out val split, else 1)"""
 
 
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}

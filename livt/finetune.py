@@ -5,6 +5,9 @@ Which epoch is reported (`--select`): the best val top-1 where the val split is 
 split, or one carved from train with `--data.val_from_train`), else the last epoch; the rule and the
 epoch are written into the results. The test split is evaluated once, at the end, and never chooses
 anything; where val is the test split (CIFAR, iNat18) it is not even evaluated during training.
+`--posthoc` adds post-hoc logit adjustment z - tau log pi beside the raw result (key "posthoc" of
+test_results.json, a line of test_results.md): tau is the best val top-1 over `POSTHOC_TAUS` where the
+val split is held out, else fixed at 1, and the file says which.
 Outputs in the run directory: classifier.safetensors (reported), classifier_last.safetensors,
 test_results.{json,md}, per-class accuracy and confusion CSVs, two figures, config.yaml,
 metrics.jsonl, training states.
@@ -34,8 +37,11 @@ from livt.data.transforms import eval_transform, finetune_transform
 from livt.export import pretrained_cfg
 from livt.losses import build_loss
 from livt.metrics import (
+    POSTHOC_TAUS,
+    choose_posthoc_tau,
     evaluate_logits,
     format_table,
+    logit_adjust,
     long_tailed_test_prior,
     posthoc_adjust,
     subsample_to_prior,
@@ -57,6 +63,14 @@ def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
         "cb_ce": dict(beta=cfg.cb_beta),
         "reslt": dict(alpha=cfg.reslt_alpha),
         "sade": dict(lam=cfg.sade_lambda),
+        "cb_focal": dict(beta=cfg.cb_beta, gamma=cfg.focal_gamma),
+        "cb_bce": dict(beta=cfg.cb_beta),
+        "ldam": dict(s=cfg.ldam_s, max_margin=cfg.ldam_max_margin, drw_start=cfg.drw_start, drw_beta=cfg.drw_beta),
+        "lade": dict(alpha=cfg.lade_alpha, lam=cfg.lade_lambda),
+        "ib": dict(alpha=cfg.ib_alpha, start=cfg.ib_start),
+        "seql": dict(gamma=cfg.seql_gamma, threshold=cfg.seql_threshold),
+        "cdt": dict(gamma=cfg.cdt_gamma),
+        "gbl": dict(s=cfg.gbl_s, c=cfg.gbl_c),
     }.get(cfg.name, {})
 
 
@@ -109,15 +123,21 @@ def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, 
             f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
 
 
-def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str,
-                   final: bool = False) -> dict:
-    """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
-    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior; with
-    cfg.tta_aggregate and `final` (the test split, once), `results['transductive']` and transductive
-    shifted rows (livt.aggregate)."""
+def predict_split(accelerator, model, cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of every image of `dataset` through the evaluation transform."""
     d = cfg.data
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
-    logits, labels = engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
+    return engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
+
+
+def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str,
+                   posthoc: tuple[float, str] | None = None, final: bool = False) -> dict:
+    """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
+    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior;
+    with `posthoc` = (tau, how it was chosen), `results['posthoc']` the metrics of z - tau log pi; with
+    cfg.tta_aggregate and `final` (the test split, once), `results['transductive']` and transductive
+    shifted rows (livt.aggregate)."""
+    logits, labels = predict_split(accelerator, model, cfg, dataset)
     results = evaluate_logits(logits, labels, counts, dataset.class_names)
     if cfg.test_prior_imbalance:
         results["shifted"] = shifted_prior_rows(logits, labels, counts, cfg.test_prior_imbalance,
@@ -128,7 +148,25 @@ def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained
         for row in results.get("shifted", []):
             row["transductive"] = "no"
         results.get("shifted", []).extend(rows)
+    if posthoc is not None:
+        tau, chosen_on = posthoc
+        adjusted = evaluate_logits(logit_adjust(logits, counts, tau), labels, counts)
+        results["posthoc"] = {"tau": tau, "chosen_on": chosen_on,
+                              **{k: adjusted[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "nll")}}
     return results
+
+
+def posthoc_tau(accelerator, model, cfg, val, test, counts: np.ndarray) -> tuple[float, str] | None:
+    """(tau, how it was chosen) of post-hoc logit adjustment when `cfg.posthoc`: the best val top-1 over
+    `POSTHOC_TAUS` where the val split is held out, else tau = 1 (never chosen on the test split)."""
+    if not cfg.posthoc:
+        return None
+    if not heldout_val(val, test):
+        return 1.0, "fixed at 1: no held-out val split (val is the test split)"
+    logits, labels = predict_split(accelerator, model, cfg, val)
+    grid = f"{POSTHOC_TAUS[0]:g}..{POSTHOC_TAUS[-1]:g} step {POSTHOC_TAUS[1] - POSTHOC_TAUS[0]:g}"
+    return (choose_posthoc_tau(logits, labels, counts),
+            f"{val.name} ({len(val)} images): best top-1 over tau {grid}")
 
 
 def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.ndarray, imbalance: float,
@@ -263,7 +301,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.wait_for_everyone()
     state, _ = load_file_with_meta(reported_path)
     classifier().load_state_dict(state)
-    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name, final=True)
+    tau = posthoc_tau(accelerator, trainer.model, cfg, val, test, counts)
+    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name, tau, final=True)
     results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
                             "select": cfg.select}
     results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
@@ -285,7 +324,7 @@ def report(accelerator, run_dir: Path, results: dict, class_names, counts, label
            cfg: config_lib.FinetuneConfig) -> None:
     if accelerator.is_main_process:
         shifted = results.pop("shifted", None)
-        keys = ("selection", "budget", "transductive")
+        keys = ("selection", "budget", "posthoc", "transductive")
         info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in keys if k in results}}
         write_results(run_dir, results, class_names, counts, prefix="test", info=info)
         weights = "classifier.safetensors" if (run_dir / "classifier.safetensors").is_file() else cfg.checkpoint
@@ -295,6 +334,9 @@ def report(accelerator, run_dir: Path, results: dict, class_names, counts, label
         tracking.log_figures(accelerator, {f"test/{name}": run_dir / f"test_{name}.png"
                                            for name in ("per_class_accuracy", "reliability")}, step)
         rows = [{"run": label, **results}]
+        if "posthoc" in info:
+            metrics = {k: v for k, v in info["posthoc"].items() if k not in ("tau", "chosen_on")}
+            rows.append({"run": f"{label}, post-hoc tau {info['posthoc']['tau']:g}", **metrics})
         if "transductive" in info:
             rows.append({"run": f"{label}, SADE aggregation (transductive)", **info["transductive"]})
         accelerator.print(format_table(rows))
@@ -319,7 +361,8 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
     model = accelerator.prepare(model)
     test = build_dataset(cfg.data, "test")
     trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
-    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with, final=True)
+    tau = posthoc_tau(accelerator, model, cfg, build_dataset(cfg.data, "val"), test, counts) if cfg.posthoc else None
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with, tau, final=True)
     results["selection"] = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used",
                             "select": "n/a"}
     report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name, cfg)

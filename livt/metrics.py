@@ -22,8 +22,11 @@ from torch import Tensor
 from livt.data.stats import shot_groups
 
 ArrayLike = Tensor | np.ndarray | Sequence
-BCE_TRAINED = ("bce", "bal_bce")
-CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce", "reslt", "sade")
+BCE_TRAINED = ("bce", "bal_bce", "cb_bce", "cb_focal")
+CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce", "weighted_ce", "ldam", "lade", "ib", "seql", "cdt", "gbl", "reslt",
+              "sade")
+# Post-hoc logit adjustment: the fixed grid tau is swept over on a held-out val split.
+POSTHOC_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
 
 def _logits(x: ArrayLike) -> Tensor:
@@ -163,6 +166,24 @@ def posthoc_adjust(logits: Tensor, train_counts: ArrayLike, test_prior: ArrayLik
     return logits + shift.to(device=logits.device, dtype=logits.dtype)
 
 
+def logit_adjust(logits: Tensor, train_counts: ArrayLike, tau: float) -> Tensor:
+    """Post-hoc logit adjustment (Menon et al. 2021) for a balanced test set: z - tau * log pi_train.
+    tau = 0 is the identity."""
+    log_prior = torch.log(torch.as_tensor(np.asarray(train_counts, dtype=np.float64)))
+    log_prior = log_prior - torch.logsumexp(log_prior, 0)  # log pi = log n - log N
+    return logits - (tau * log_prior).to(device=logits.device, dtype=logits.dtype)
+
+
+def choose_posthoc_tau(logits: Tensor, labels: ArrayLike, train_counts: ArrayLike,
+                       taus: Sequence[float] = POSTHOC_TAUS) -> float:
+    """The tau of `taus` whose adjusted logits have the best top-1 on these (held-out val) logits;
+    the first, i.e. the smallest, on ties. Never call it with test logits."""
+    y = torch.as_tensor(labels).long().cpu()
+    z = _logits(logits)
+    acc = [float((logit_adjust(z, train_counts, t).argmax(1) == y).double().mean()) for t in taus]
+    return float(taus[int(np.argmax(acc))])
+
+
 def long_tailed_test_prior(num_classes: int, imbalance: float, reverse: bool = False) -> np.ndarray:
     """Test prior (C,) float64 following the training profile n_i ∝ (1/imbalance)^(i/(C-1)).
 
@@ -238,5 +259,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-__all__ = ["reliability_bins", "ece_mce", "evaluate_logits", "posthoc_adjust", "long_tailed_test_prior",
-           "subsample_to_prior", "format_table", "atomic_path", "cell", "is_scalar", "TABLE_KEYS"]
+__all__ = ["reliability_bins", "ece_mce", "evaluate_logits", "posthoc_adjust", "logit_adjust", "choose_posthoc_tau",
+           "POSTHOC_TAUS", "long_tailed_test_prior", "subsample_to_prior", "format_table", "atomic_path", "cell",
+           "is_scalar", "TABLE_KEYS"]

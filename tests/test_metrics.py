@@ -112,7 +112,7 @@ def test_posthoc_adjust_by_hand():
         assert float(shift.max() - shift.min()) < 1e-6
     assert posthoc_adjust(zz, [6, 3, 1], [1, 1, 1], "bce").sub(zz).abs().max() < 1e-6
     with pytest.raises(ValueError, match="bal_bce"):
-        posthoc_adjust(zz, [6, 3, 1], [1, 1, 1], "ldam")
+        posthoc_adjust(zz, [6, 3, 1], [1, 1, 1], "mislas")
 
 
 def test_long_tailed_test_prior_and_subsample():

@@ -13,7 +13,7 @@ from livt import finetune
 from livt.aggregate import Aggregator, combine
 from livt.checkpoint import load_classifier, save_model
 from livt.losses import build_loss
-from livt.losses_modules import inverse_prior, reslt_groups
+from livt.losses.modules import inverse_prior, reslt_groups
 from livt.models import build_classifier, outputs
 from livt.models.reslt import ResLTClassifier
 from livt.models.sade import SADEClassifier

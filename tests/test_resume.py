@@ -47,6 +47,10 @@ def assert_same_tensors(a, b):
     ("pretrain_mgp.py", ["encoder.safetensors", "mae.safetensors"], []),
     # fine-tuning with RandAugment, mixup/cutmix, random erasing and drop path all on (tiny preset)
     ("finetune_bft.py", ["classifier_last.safetensors", "classifier.safetensors"], ["--from_scratch"]),
+    # a scheduled loss: LDAM's deferred re-weighting switches on at step 5 of 6 (progress 4/6 >= 0.6),
+    # after the kill at step 4, so the resumed process crosses the switch
+    pytest.param("finetune_bft.py", ["classifier_last.safetensors", "classifier.safetensors"],
+                 ["--from_scratch", "--method", "ldam", "--loss.drw_start", "0.6"], id="finetune-ldam-drw"),
 ])
 def test_sigkill_mid_accumulation_then_resume_equals_straight_run(tmp_path, script, outputs, extra):
     straight = launch(script, tmp_path / "a", *extra)

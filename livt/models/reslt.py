@@ -2,7 +2,7 @@
 over one backbone feed ONE shared linear classifier; the prediction is the sum of the branches' logits.
 
 Which classes each branch learns (all / medium + tail / tail) is the loss's business
-(`livt.losses_modules.reslt`); the model only has three parameter-specialised branches:
+(`livt.losses.modules.reslt`); the model only has three parameter-specialised branches:
 
 - CNN (4-D `forward_features` map, (B, D, H, W)): the paper's single 1x1 convolution with 3 groups,
   fed the map three times so each branch sees all D channels (ResNet-32 has 64, not a multiple of 3),

@@ -3,7 +3,7 @@ Long-Tailed Recognition, NeurIPS 2022): three experts over shared early layers.
 
 `forward_outputs(x)` -> {logits: the equal-weight mean of the experts' logits (B, C), expert_logits
 (3, B, C) in the order forward (head) expert, uniform expert, backward (tail) expert}; which expert is
-which is set by the loss (`livt.losses_modules.sade`), test-time weights by `livt.aggregate`.
+which is set by the loss (`livt.losses.modules.sade`), test-time weights by `livt.aggregate`.
 
 Where a backbone splits is one entry of `SPLITS` per backbone family, `split(backbone) -> (shared,
 expert)`, both modules taken from one built backbone; each expert comes from its own independently

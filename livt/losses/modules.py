@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from livt.losses import Counts, _prior64
+from livt.losses.core import Counts, prior64
 
 
 def _labels(targets: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ def reslt_groups(class_counts: Counts) -> Tensor:
     all, medium + tail, tail (ResLT Sec. 3.1-3.2). livt's shot thresholds are not used: they leave
     CIFAR-10-LT's tail empty.
     """
-    log_n = torch.log(_prior64(class_counts))  # log n_c - log N: the same cuts
+    log_n = torch.log(prior64(class_counts))  # log n_c - log N: the same cuts
     span = (log_n.max() - log_n.min()).item()
     if span == 0:
         raise ValueError("ResLT: every class has the same training count, so there is no head / medium / "
@@ -68,7 +68,7 @@ def reslt(logits: Tensor, branch_logits: Tensor, targets: Tensor, class_counts: 
 def inverse_prior(class_counts: Counts) -> Tensor:
     """SADE's inverted training prior (C,) float32: the class with the r-th largest count gets the r-th
     smallest prior, by count rank, whatever the class order (ties keep the class order)."""
-    pi = _prior64(class_counts)
+    pi = prior64(class_counts)
     order = torch.argsort(pi, descending=True, stable=True)  # classes by count, largest first
     inv = torch.empty_like(pi)
     inv[order] = torch.sort(pi).values  # r-th largest class <- r-th smallest prior
@@ -84,7 +84,7 @@ def sade(expert_logits: Tensor, targets: Tensor, class_counts: Counts, lam: floa
         raise ValueError(f"sade lam must be a finite value >= 0, got {lam}")
     with torch.autocast(device_type=expert_logits.device.type, enabled=False):
         t = _targets(targets)
-        log_pi = torch.log(_prior64(class_counts)).float().to(expert_logits.device)
+        log_pi = torch.log(prior64(class_counts)).float().to(expert_logits.device)
         log_inv = torch.log(inverse_prior(class_counts)).to(expert_logits.device)
         v = expert_logits.float()
         return (F.cross_entropy(v[0], t) + F.cross_entropy(v[1] + log_pi, t)

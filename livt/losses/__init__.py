@@ -1,0 +1,174 @@
+"""Classification losses for Balanced Fine-Tuning and the long-tailed baselines, one `LOSSES` dict.
+
+Every loss is a pure function whose signature says what it needs: parameters WITHOUT a default are
+inputs (`targets`, `class_counts`, `progress` = training progress in [0, 1), or any entry of the
+model-output dict such as `logits`, `features`, `cosine`), parameters WITH a default are options.
+`build_loss` turns one into the `Criterion` the training loop calls as
+`criterion(outputs, targets, progress)`, so a new loss is a new function in `LOSSES` and nothing in
+the loop changes. Families: `balanced` (logit adjustment: bal_ce, bal_bce, gbl, lade), `reweighted`
+(focal, cb_ce, cb_focal, cb_bce, weighted_ce, ib, seql), `margin` (ldam, cdt).
+
+- Scores (`logits` or `cosine`): (B, C), any float dtype; computed in float32 (float64 stays float64)
+  outside autocast, because a Bal-BCE bias near log(999) ~ 6.9 loses ~0.03 to bf16 rounding.
+- `targets`: hard labels (B,) int64, or soft targets (B, C) float (timm's Mixup/CutMix with label
+  smoothing). Every loss accepts both, and a one-hot soft target gives the value of its hard label.
+  Losses that change with the label beyond a linear term (margins, SEQL's kept classes) take the
+  target-weighted sum of "the loss were the label c"; per-sample weights become sum_c t_c w_c.
+- `class_counts`: training images per class (C,); every class needs at least one (priors enter logs).
+- Re-weighting, one convention for every re-weighted loss (cb_ce, cb_focal, cb_bce, weighted_ce, ib,
+  ldam's DRW): per-class weights normalised to sum C (mean 1 over classes), loss = the plain batch mean
+  (1/B) sum_i w_{y_i} loss_i. This is not PyTorch's weighted mean sum_i w_i loss_i / sum_i w_i (what
+  the official LDAM-DRW and IB code use): ours keeps the loss scale fixed by the weights, theirs
+  rescales every batch by its own weights.
+- Schedules (LDAM's DRW, IB's start, GBL's alpha) are pure functions of `progress` = step / total
+  steps, so they switch at the same optimizer step in a straight and a resumed run.
+- Randomness (SEQL's Bernoulli draw) comes from the global torch RNG, reseeded by the loop every step.
+
+Logit biases, margins and temperatures are training devices only: prediction and evaluation use the
+model's logits (see `livt.metrics.posthoc_adjust` for a known test prior, `logit_adjust` for post-hoc
+adjustment).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from livt.losses import balanced, margin, reweighted
+from livt.losses.balanced import (
+    BIAS_VARIANTS,
+    bal_bce,
+    bal_bce_bias,
+    bal_ce,
+    bce_kernel,
+    ce_kernel,
+    gbl,
+    gbl_alpha,
+    lade,
+)
+from livt.losses.core import Counts, cb_weights, counts64, inverse_frequency_weights, prior
+from livt.losses.margin import cdt, cdt_temperatures, ldam, ldam_margins
+from livt.losses.modules import reslt, sade
+from livt.losses.reweighted import cb_bce, cb_ce, cb_focal, focal, ib, seql, weighted_ce
+
+
+def ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax cross-entropy, batch mean."""
+    return ce_kernel(logits, targets)
+
+
+def bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """BCE with logits against one-hot/soft targets, summed over classes, batch mean (Eq. 5, w = 1)."""
+    return bce_kernel(logits, targets)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": ce,
+    "bce": bce,
+    "bal_ce": bal_ce,
+    "bal_bce": bal_bce,
+    "focal": focal,
+    "cb_ce": cb_ce,
+    "cb_focal": cb_focal,
+    "cb_bce": cb_bce,
+    "weighted_ce": weighted_ce,
+    "ldam": ldam,
+    "lade": lade,
+    "ib": ib,
+    "seql": seql,
+    "cdt": cdt,
+    "gbl": gbl,
+    "reslt": reslt,  # module improvements: losses on the branch / expert outputs (livt.losses.modules)
+    "sade": sade,
+}
+
+# Count-based losses: name -> (tables(class_counts, **options) -> {name: (C,) tensor}, kernel), so that
+# `Criterion` computes biases / weights / margins once, validates every option at build time, and
+# copies the tables to each device once rather than every step. The public function is the kernel
+# applied to its tables.
+TABLES: dict[str, tuple[Callable[..., dict[str, Tensor]], Callable[..., Tensor]]] = {
+    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES}
+
+INPUTS = ("targets", "class_counts", "progress")  # what the loop supplies besides the model outputs
+
+
+def signature(fn: Callable[..., Tensor]) -> tuple[list[str], list[str]]:
+    """(inputs, options) of a loss: its parameters without and with a default."""
+    params = inspect.signature(fn).parameters.values()
+    return ([p.name for p in params if p.default is inspect.Parameter.empty],
+            [p.name for p in params if p.default is not inspect.Parameter.empty])
+
+
+def _params(fn: Callable[..., object]) -> list[str]:
+    return list(inspect.signature(inspect.unwrap(fn)).parameters)
+
+
+class Criterion:
+    """`criterion(outputs, targets, progress=0.0) -> scalar` for one named loss and its options.
+
+    `outputs` is the model-output dict (`livt.models.outputs`: logits, features, a head's extras) or a
+    bare logits tensor. Per-class tensors are computed once, on the CPU, at build time, and copied to
+    each device once.
+    """
+
+    def __init__(self, name: str, class_counts: Counts, **options: object) -> None:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+        self.name, self.options = name, options
+        self.inputs, accepted = signature(LOSSES[name])
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"loss '{name}' takes no option {', '.join(unknown)}; "
+                             f"it accepts: {', '.join(accepted) or 'none'}")
+        self.needs = [i for i in self.inputs if i not in INPUTS]  # model outputs, e.g. ['logits']
+        self._tables: dict[str, Tensor] = {}
+        self._on_device: dict[torch.device, dict[str, Tensor]] = {}
+        self._counts = counts64(class_counts) if "class_counts" in self.inputs else None  # validated now
+        if name in TABLES:
+            make, self._kernel = TABLES[name]
+            defaults = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
+                        if p.default is not inspect.Parameter.empty}
+            full = {**defaults, **options}
+            self._tables = make(class_counts, **full)  # (C,) float32, CPU; raises now, not at step 1
+            self._kernel_params = _params(self._kernel)
+            self._kernel_options = {k: v for k, v in full.items() if k in self._kernel_params}
+        else:
+            self._kernel = None
+
+    def _device_tables(self, device: torch.device) -> dict[str, Tensor]:
+        tables = self._on_device.get(device)
+        if tables is None:
+            tables = self._on_device[device] = {k: t.to(device) for k, t in self._tables.items()}
+        return tables
+
+    def __call__(self, outputs: dict[str, Tensor] | Tensor, targets: Tensor, progress: float = 0.0) -> Tensor:
+        if isinstance(outputs, Tensor):
+            outputs = {"logits": outputs}
+        missing = [k for k in self.needs if k not in outputs]
+        if missing:
+            raise ValueError(f"loss '{self.name}' needs the model output(s) {missing}; this model gives "
+                             f"{sorted(outputs)} (a loss on 'cosine' needs --model.head cosine)")
+        supplied = {"targets": targets, "progress": float(progress), "class_counts": self._counts,
+                    **{k: outputs[k] for k in self.needs}}
+        if self._kernel is None:
+            return LOSSES[self.name](**{k: supplied[k] for k in self.inputs}, **self.options)
+        tables = self._device_tables(outputs[self.needs[0]].device)
+        kwargs = {k: supplied[k] for k in self._kernel_params if k in supplied and k != "class_counts"}
+        return self._kernel(**kwargs, **tables, **self._kernel_options)
+
+
+def build_loss(name: str, class_counts: Counts, **options: object) -> Criterion:
+    """The `Criterion` of the named loss; `class_counts` is ignored by losses that do not take it.
+
+    Unknown names and options the loss does not take raise ValueError listing the valid ones.
+    """
+    return Criterion(name, class_counts, **options)
+
+
+__all__ = ["LOSSES", "TABLES", "BIAS_VARIANTS", "Criterion", "signature", "prior", "bal_bce_bias", "cb_weights",
+           "inverse_frequency_weights", "ldam_margins", "cdt_temperatures", "gbl_alpha", "ce", "bce", "bal_ce",
+           "bal_bce", "focal", "cb_ce", "cb_focal", "cb_bce", "weighted_ce", "ldam", "lade", "ib", "seql", "cdt",
+           "gbl", "build_loss"]
