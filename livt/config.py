@@ -191,6 +191,14 @@ class LossConfig:
     """focal loss gamma"""
     cb_beta: float = 0.9999
     """class-balanced (effective number) beta"""
+    las_head: float = 0.3
+    """label-aware smoothing (MiSLAS): epsilon of the largest class"""
+    las_tail: float = 0.0
+    """label-aware smoothing: epsilon of the smallest class"""
+    las_shape: str = "linear"
+    """label-aware smoothing: epsilon as a function of the class count: linear | concave | convex"""
+    las_spread: str = "paper"
+    """label-aware smoothing: paper (eps_y / (K - 1) on each other class) | code (eps_y / K on every class)"""
 
 
 @dataclass
@@ -213,6 +221,16 @@ class AugConfig:
     """random erasing probability (pixel mode)"""
     color_jitter: float = 0.0
     """colour jitter (off when RandAugment is used)"""
+
+
+@dataclass
+class DecoupledConfig:
+    tau_min: float = 0.0
+    """tau-norm: smallest tau of the sweep"""
+    tau_max: float = 2.0
+    """tau-norm: largest tau of the sweep"""
+    tau_steps: int = 21
+    """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
 
 
 @dataclass
@@ -266,6 +284,7 @@ class FinetuneConfig(RunConfig):
         layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
     select: str = "auto"
@@ -275,6 +294,11 @@ class FinetuneConfig(RunConfig):
     """pretraining .safetensors (encoder or full MAE) to start from"""
     from_scratch: bool = False
     """start from random weights (no --pretrained)"""
+    init_classifier: str = ""
+    """fine-tuned classifier .safetensors to start a second stage from (its backbone is frozen)"""
+    stage2: str = ""
+    """second stage on the frozen backbone of --init_classifier: '' (ordinary fine-tuning) | crt | tau_norm |
+    lws | ncm | mislas (see livt.stages.STAGES2)"""
     eval_only: bool = False
     """evaluate --checkpoint and exit"""
     checkpoint: str = ""
@@ -639,7 +663,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
+    "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

@@ -159,6 +159,40 @@ def _focal(logits: Tensor, targets: Tensor, gamma: float) -> Tensor:
     return -(t * (1.0 - log_p.exp()).pow(gamma) * log_p).sum(-1).mean()
 
 
+LAS_SHAPES = ("linear", "concave", "convex")
+LAS_SPREADS = ("paper", "code")
+
+
+def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "linear") -> Tensor:
+    """MiSLAS's per-class smoothing eps_y = f(n_y), (C,) float32: `head` for the largest class, `tail` for
+    the smallest, in between by x = (n_y - n_min) / (n_max - n_min): linear tail + (head - tail) x,
+    concave tail + (head - tail) sin(pi x / 2), convex head - (head - tail) cos(pi x / 2).
+    Equal counts (x undefined) give every class `head`: plain smoothing."""
+    if shape not in LAS_SHAPES:
+        raise ValueError(f"unknown label-aware smoothing shape '{shape}'; choose one of {', '.join(LAS_SHAPES)}")
+    for name, eps in (("las_head", head), ("las_tail", tail)):
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"label-aware smoothing {name} must be in [0, 1), got {eps}")
+    n = _prior64(class_counts)  # proportional to the counts; validates them
+    span = n.max() - n.min()
+    x = (n - n.min()) / span if span > 0 else torch.ones_like(n)
+    f = {"linear": x, "concave": torch.sin(math.pi * x / 2), "convex": 1 - torch.cos(math.pi * x / 2)}[shape]
+    return (tail + (head - tail) * f).float()
+
+
+@_float32
+def _las(logits: Tensor, targets: Tensor, eps: Tensor, spread: str) -> Tensor:
+    if targets.is_floating_point():
+        raise ValueError("label-aware smoothing builds its own targets from hard labels: turn mixup / cutmix "
+                         "and loss.label_smoothing off")
+    num_classes = logits.shape[1]
+    e = eps[targets][:, None]  # (B, 1)
+    off = e / (num_classes - 1) if spread == "paper" else e / num_classes
+    on = 1.0 - e if spread == "paper" else 1.0 - e + e / num_classes
+    t = off.expand(-1, num_classes).scatter(1, targets[:, None], on)  # (B, C), rows sum to 1
+    return F.cross_entropy(logits, t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public losses
 
@@ -196,6 +230,17 @@ def cb_ce(logits: Tensor, targets: Tensor, class_counts: Counts, beta: float = 0
     return _weighted_ce(logits, targets, cb_weights(class_counts, beta).to(logits.device))
 
 
+def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts, head: float = 0.3,
+                          tail: float = 0.0, shape: str = "linear", spread: str = "paper") -> Tensor:
+    """MiSLAS (Zhong et al., CVPR 2021) label-aware smoothing: CE against 1 - eps_y on the true class and
+    eps_y / (K - 1) on each other class (paper; spread 'code': eps_y / K on every class, as the official
+    code), eps_y from `las_epsilons`. Hard labels only."""
+    if spread not in LAS_SPREADS:
+        raise ValueError(f"unknown label-aware smoothing spread '{spread}'; choose one of {', '.join(LAS_SPREADS)}")
+    eps = las_epsilons(class_counts, head, tail, shape).to(logits.device)
+    return _las(logits, targets, eps, spread=spread)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "ce": ce,
     "bce": bce,
@@ -203,6 +248,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "bal_bce": bal_bce,
     "focal": focal,
     "cb_ce": cb_ce,
+    "label_aware_smoothing": label_aware_smoothing,
 }
 
 # Count-based losses: (per-class tensor from counts and options, kernel), so that `build_loss`
@@ -280,4 +326,4 @@ def build_loss(name: str, class_counts: Counts, **options: object) -> Criterion:
 
 
 __all__ = ["LOSSES", "BIAS_VARIANTS", "Criterion", "signature", "prior", "bal_bce_bias", "cb_weights", "ce", "bce", "bal_ce", "bal_bce",
-           "focal", "cb_ce", "build_loss"]
+           "focal", "cb_ce", "label_aware_smoothing", "las_epsilons", "build_loss"]
