@@ -180,16 +180,24 @@ def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, sha
     return (tail + (head - tail) * f).float()
 
 
+def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "linear",
+                   spread: str = "paper") -> Tensor:
+    """(C,) float32: the target mass label-aware smoothing puts on each other class for a sample of class y,
+    eps_y / (K - 1) ('paper') or eps_y / K ('code'); the true class gets the rest, 1 - (K - 1) * that."""
+    if spread not in LAS_SPREADS:
+        raise ValueError(f"unknown label-aware smoothing spread '{spread}'; choose one of {', '.join(LAS_SPREADS)}")
+    eps = las_epsilons(class_counts, head, tail, shape)
+    return eps / (len(eps) - 1) if spread == "paper" else eps / len(eps)
+
+
 @_float32
-def _las(logits: Tensor, targets: Tensor, eps: Tensor, spread: str) -> Tensor:
+def _las(logits: Tensor, targets: Tensor, off_target: Tensor) -> Tensor:
     if targets.is_floating_point():
         raise ValueError("label-aware smoothing builds its own targets from hard labels: turn mixup / cutmix "
                          "and loss.label_smoothing off")
     num_classes = logits.shape[1]
-    e = eps[targets][:, None]  # (B, 1)
-    off = e / (num_classes - 1) if spread == "paper" else e / num_classes
-    on = 1.0 - e if spread == "paper" else 1.0 - e + e / num_classes
-    t = off.expand(-1, num_classes).scatter(1, targets[:, None], on)  # (B, C), rows sum to 1
+    off = off_target[targets][:, None]  # (B, 1)
+    t = off.expand(-1, num_classes).scatter(1, targets[:, None], 1.0 - (num_classes - 1) * off)  # (B, C)
     return F.cross_entropy(logits, t)
 
 
@@ -235,10 +243,7 @@ def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts,
     """MiSLAS (Zhong et al., CVPR 2021) label-aware smoothing: CE against 1 - eps_y on the true class and
     eps_y / (K - 1) on each other class (paper; spread 'code': eps_y / K on every class, as the official
     code), eps_y from `las_epsilons`. Hard labels only."""
-    if spread not in LAS_SPREADS:
-        raise ValueError(f"unknown label-aware smoothing spread '{spread}'; choose one of {', '.join(LAS_SPREADS)}")
-    eps = las_epsilons(class_counts, head, tail, shape).to(logits.device)
-    return _las(logits, targets, eps, spread=spread)
+    return _las(logits, targets, las_off_target(class_counts, head, tail, shape, spread).to(logits.device))
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -257,6 +262,7 @@ _PER_CLASS = {
     "bal_ce": (_bal_ce_offset, _ce),
     "bal_bce": (_bal_bce_offset, _bce),
     "cb_ce": (cb_weights, _weighted_ce),
+    "label_aware_smoothing": (las_off_target, _las),
 }
 
 

@@ -290,6 +290,26 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
                                      f"{type(model.get_classifier()).__name__}")
 
 
+def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: nn.Module, train,
+                  counts: np.ndarray) -> engine.Trainer:
+    """The Trainer of a trained second stage: `model`'s backbone frozen, its head set up by the method,
+    the recipe's loss on augmented training images through the backbone."""
+    stage = STAGES2[cfg.stage2]
+    model.requires_grad_(False)
+    optimize = stage.trainable(model, cfg)
+    criterion = build_loss(cfg.loss.name, counts, **finetune.loss_options(cfg.loss))
+    targets = finetune.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
+
+    def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:
+        images, target = targets(images, labels)
+        return criterion(net(images), target, trainer.plan.progress(step))
+
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, stage.shift_bn),
+                             Augmented(train, finetune.train_transform(cfg), cfg.seed, cfg.data.skip_bad_images),
+                             train.targets, train.num_classes, forward, optimize=optimize)
+    return trainer
+
+
 def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     """The second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module docstring)."""
     stage = check_request(cfg)
@@ -300,7 +320,6 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(describe(counts, train.name))
     model, meta1 = load_classifier(cfg.init_classifier)
     check_stage1(model, meta1, cfg, train.num_classes, counts)
-    model.requires_grad_(False)
     n_bn = len(batchnorms(model)) if stage.shift_bn else 0
     if stage.shift_bn:
         accelerator.print(f"shifted BN: re-estimating the statistics of {n_bn} BatchNorm layers" if n_bn else
@@ -316,17 +335,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
 
     rule, val_split = finetune.selection_rule(cfg, val, test)
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
-    optimize = stage.trainable(model, cfg)
-    criterion = build_loss(cfg.loss.name, counts, **finetune.loss_options(cfg.loss))
-    targets = finetune.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
-
-    def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:
-        images, target = targets(images, labels)
-        return criterion(net(images), target, trainer.plan.progress(step))
-
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, stage.shift_bn),
-                             Augmented(train, finetune.train_transform(cfg), cfg.seed, d.skip_bad_images),
-                             train.targets, train.num_classes, forward, optimize=optimize)
+    trainer = build_trainer(cfg, accelerator, run_dir, model, train, counts)
     finetune.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
                             val, test, counts, meta, export=stage.export, info=info)
     return run_dir
