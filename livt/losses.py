@@ -192,12 +192,10 @@ def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, s
 
 @_float32
 def _las(logits: Tensor, targets: Tensor, off_target: Tensor) -> Tensor:
-    if targets.is_floating_point():
-        raise ValueError("label-aware smoothing builds its own targets from hard labels: turn mixup / cutmix "
-                         "and loss.label_smoothing off")
     num_classes = logits.shape[1]
-    off = off_target[targets][:, None]  # (B, 1)
-    t = off.expand(-1, num_classes).scatter(1, targets[:, None], 1.0 - (num_classes - 1) * off)  # (B, C)
+    off = off_target[:, None].expand(-1, num_classes)  # (C, C): row y is the smoothed target of class y
+    rows = off.diagonal_scatter(1.0 - (num_classes - 1) * off_target)
+    t = targets @ rows if targets.is_floating_point() else rows[targets]  # soft: the mixture of the rows
     return F.cross_entropy(logits, t)
 
 
@@ -242,7 +240,8 @@ def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts,
                           tail: float = 0.0, shape: str = "linear", spread: str = "paper") -> Tensor:
     """MiSLAS (Zhong et al., CVPR 2021) label-aware smoothing: CE against 1 - eps_y on the true class and
     eps_y / (K - 1) on each other class (paper; spread 'code': eps_y / K on every class, as the official
-    code), eps_y from `las_epsilons`. Hard labels only."""
+    code), eps_y from `las_epsilons`. A soft target t (mixup) gets sum_c t_c * (the smoothed target of c),
+    so add no other smoothing (loss.label_smoothing 0)."""
     return _las(logits, targets, las_off_target(class_counts, head, tail, shape, spread).to(logits.device))
 
 

@@ -69,8 +69,9 @@ def test_label_aware_smoothing_targets_by_hand_for_three_classes():
     for spread, t in (("paper", paper), ("code", code)):
         loss = build_loss("label_aware_smoothing", counts, spread=spread)(logits, labels)
         assert torch.isclose(loss, -(t * log_p).sum(1).mean()), spread
-    with pytest.raises(ValueError, match="hard labels"):
-        build_loss("label_aware_smoothing", counts)(logits, F.one_hot(labels, 3).float())
+    mixed = torch.tensor([[0.5, 0.5, 0.0]])  # a mixup target: the same mixture of the two smoothed rows
+    loss = build_loss("label_aware_smoothing", counts)(logits[:1], mixed)
+    assert torch.isclose(loss, -((0.5 * paper[0] + 0.5 * paper[1]) * log_p[0]).sum())
     with pytest.raises(ValueError, match="shape"):
         build_loss("label_aware_smoothing", counts, shape="cubic")
 
