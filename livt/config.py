@@ -234,6 +234,28 @@ class DecoupledConfig:
 
 
 @dataclass
+class AFGConfig:
+    tukey: float = 0.5
+    """GLAG AFG: Tukey power lambda of the features, x -> sign(x) |x|^lambda (1 = none)"""
+    support: int = 2
+    """GLAG AFG: support classes per tail sample (K, 2-3 in the paper)"""
+    gamma: float = 0.0
+    """GLAG AFG: added to the calibrated covariance's diagonal (Eq. 9; 0 or 0.1 in the paper)"""
+    beta: float = 0.6
+    """GLAG AFG: initial confidence beta of every tail class (0.4 in the paper's ablation)"""
+    beta_step: float = 0.05
+    """GLAG AFG: beta change per epoch when a tail class's val accuracy rises (+) or falls (-)"""
+    head_min_count: int = 101
+    """GLAG AFG: classes with at least this many training images are head classes (many-shot: > 100)"""
+    kd_temperature: float = 1.0
+    """GLAG AFG: temperature of the distillation from the stage-1 head"""
+    gbl_s: float = 1.0
+    """GLAG: s of alpha(t) = s (c^t - 1), the weight of the distillation term"""
+    gbl_c: float = 2.0
+    """GLAG: c of alpha(t) = s (c^t - 1)"""
+
+
+@dataclass
 class RunConfig:
     """Fields shared by both stages."""
 
@@ -285,6 +307,7 @@ class FinetuneConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    afg: AFGConfig = field(default_factory=AFGConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
     select: str = "auto"
@@ -298,7 +321,7 @@ class FinetuneConfig(RunConfig):
     """fine-tuned classifier .safetensors to start a second stage from (its backbone is frozen)"""
     stage2: str = ""
     """second stage on the frozen backbone of --init_classifier: '' (ordinary fine-tuning) | crt | tau_norm |
-    lws | ncm | mislas (see livt.stages.STAGES2)"""
+    lws | ncm | mislas | afg (see livt.stages.STAGES2)"""
     eval_only: bool = False
     """evaluate --checkpoint and exit"""
     checkpoint: str = ""
@@ -663,7 +686,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
+    "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

@@ -28,11 +28,14 @@ results files of `livt.finetune`, with a `stage2` entry saying what was changed.
     ncm       cosine to the L2-normalised mean of each class's L2-normalised training features (eval
               transform, no augmentation); saved as a cosine head of scale model.head_scale, which sets
               the confidence (ECE) only
+    afg       GLAG's Adaptive Feature Generator (livt.afg): the stage-1 head re-trained on cached features
+              plus calibrated Gaussian features for the tail classes, KD to the stage-1 head on head classes
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,7 +201,8 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, trai
     with torch.no_grad():
         head.weight.copy_(tau_normalised(weight, tau))
         head.bias.zero_()  # Kang et al. drop the bias
-    return head, {"rule": "tau with the best val mean per-class accuracy", "tau": tau}, rows, len(val)
+    return (head, {"rule": "tau with the best val mean per-class accuracy", "tau": tau}, rows,
+            {"epochs": 0, "steps": 0, "images_seen": len(val)})
 
 
 def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -213,7 +217,23 @@ def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
     head = CosineHead(feats.shape[1], model.num_classes, cfg.model.head_scale)
     with torch.no_grad():
         head.weight.copy_(class_means(feats, labels, model.num_classes))
-    return head, {"rule": "none: class means of the training features"}, [], len(train)
+    return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
+                                                                              "images_seen": len(train)}
+
+
+def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+    """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features."""
+    from livt import afg as afg_lib
+
+    train_x, train_y = features(accelerator, model, cfg, train)
+    val_x, val_y = features(accelerator, model, cfg, val)
+    head = copy.deepcopy(model.get_classifier()).cpu().requires_grad_(True)
+    head, rows, beta = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg)
+    steps = sum(math.ceil((len(train_y) + r["generated"]) / cfg.optim.batch_size) for r in rows)
+    selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
+                 "tail_beta": [round(b, 4) for b in beta.tolist()]}
+    return head, selection, rows, {"epochs": cfg.optim.epochs, "steps": steps,
+                                   "images_seen": len(train) + len(val)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,16 +243,17 @@ def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
 @dataclass(frozen=True)
 class SecondStage:
     """One second stage: `trainable` makes the head what the method trains and returns the module to
-    optimise, or `solve` computes the head from features (nothing is trained); `export` turns the trained
-    model into a plain classifier; `shift_bn` keeps BatchNorm in training mode; `linear_head`: needs a
-    stage-1 linear head."""
+    optimise, or `solve` computes the head from features -> (head, selection, log rows, budget); `export`
+    turns the trained model into a plain classifier; `shift_bn` keeps BatchNorm in training mode;
+    `linear_head`: needs a stage-1 linear head; `needs_val`: uses a held-out val split."""
 
     summary: str
     trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
-    solve: Callable[..., tuple[nn.Module, dict, list, int]] | None = None
+    solve: Callable[..., tuple[nn.Module, dict, list, dict]] | None = None
     export: Callable[[nn.Module], nn.Module] = lambda m: m
     shift_bn: bool = False
     linear_head: bool = False
+    needs_val: bool = False
 
 
 STAGES2: dict[str, SecondStage] = {
@@ -242,8 +263,10 @@ STAGES2: dict[str, SecondStage] = {
     "mislas": SecondStage("stage-1 head re-trained, label-aware smoothing, shifted BN", trainable=stage1_head,
                           shift_bn=True),
     "tau_norm": SecondStage("stage-1 head rescaled w / ||w||^tau, tau chosen on val", solve=tau_norm,
-                            linear_head=True),
+                            linear_head=True, needs_val=True),
     "ncm": SecondStage("nearest class mean of normalised features (cosine head)", solve=ncm),
+    "afg": SecondStage("GLAG: stage-1 head re-trained on real + generated (calibrated Gaussian) features, "
+                       "KD on head classes", solve=afg, linear_head=True, needs_val=True),
 }
 
 
@@ -346,14 +369,14 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
                      info: dict[str, Any]) -> Path:
     """A second stage without training: the head from features, saved and evaluated on test once."""
     held = heldout_val(val, test)
-    if stage.solve is tau_norm and not held:
+    if stage.needs_val and not held:
         raise config_lib.ConfigError(
-            f"--stage2 tau_norm chooses tau on a held-out val split; the val split of '{cfg.data.dataset}' is its "
+            f"--stage2 {cfg.stage2} uses a held-out val split; the val split of '{cfg.data.dataset}' is its "
             f"test split: run both stages with --data.val_from_train 0.1")
     engine.write_config(cfg, run_dir, accelerator)
     model.to(accelerator.device)
     t0 = time.perf_counter()
-    head, selection, rows, images = stage.solve(accelerator, model, cfg, train, val)
+    head, selection, rows, budget = stage.solve(accelerator, model, cfg, train, val)
     seconds = time.perf_counter() - t0
     set_head(model, head.to(accelerator.device))
     log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
@@ -364,9 +387,9 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     accelerator.wait_for_everyone()
     _, val_split = finetune.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
     results = finetune.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name)
-    results["selection"] = {**selection, "epoch": None, "val": val_split if stage.solve is tau_norm else "not used",
+    results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
                             "select": cfg.select}
-    results["budget"] = {"epochs": 0, "steps": 0, "images_seen": images, "train_seconds": round(seconds, 1)}
+    results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
     results.update(info)
     finetune.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
     accelerator.end_training()
