@@ -227,3 +227,99 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
         finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
         finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GLAG's Adaptive Feature Generator (second stage `afg`)
+
+
+def test_tukey_transform_and_class_statistics_by_hand():
+    from livt import afg
+
+    x = torch.tensor([[4.0, -9.0], [0.25, 0.0]])
+    assert torch.equal(afg.tukey(x, 0.5), torch.tensor([[2.0, -3.0], [0.5, 0.0]]))
+    assert torch.allclose(afg.tukey_inverse(afg.tukey(x, 0.5), 0.5), x)
+    means, covs = afg.class_stats(torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [5.0, 5.0]]),
+                                  torch.tensor([0, 0, 0, 1]), 2)
+    assert torch.allclose(means, torch.tensor([[2 / 3, 2 / 3], [5.0, 5.0]], dtype=torch.float64))
+    assert torch.allclose(covs[0], torch.tensor([[4 / 3, -2 / 3], [-2 / 3, 4 / 3]], dtype=torch.float64))
+    assert not covs[1].any()  # one sample: no spread
+
+
+def _calibration_case():
+    """Class 2 (2 samples) is the tail; classes 0 (10) and 1 (6) are larger, class 3 (1) is nearer but smaller."""
+    means = torch.tensor([[4.0, 0.0], [1.0, 2.0], [9.0, 9.0], [1.0, 0.1]], dtype=torch.float64)
+    covs = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[2.0, 1.0], [1.0, 2.0]], [[0.5, 0.0], [0.0, 0.5]],
+                         [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    return torch.tensor([1.0, 0.0]), means, covs, torch.tensor([10, 6, 2, 1])
+
+
+def test_calibrated_mean_and_covariance_equal_eq8_and_eq9_by_hand():
+    from livt import afg
+
+    x, means, covs, counts = _calibration_case()
+    # d = 3 (class 0), 2 (class 1); w = 10/3, 6/2 = 3; the weighted mean of the support is (49/19, 18/19)
+    mu, cov = afg.calibrate(x, 2, means, covs, counts, beta=0.5, support=2, gamma=0.1)
+    assert torch.allclose(mu, torch.tensor([34 / 19, 9 / 19], dtype=torch.float64))
+    # 0.25 * diag(0.5) + 0.25 * (10/3 Sigma_0 + 3 Sigma_1) / (19/3) + 0.1 I
+    want = torch.tensor([[0.125 + 7 / 19 + 0.1, 9 / 76], [9 / 76, 0.125 + 0.5 + 0.1]], dtype=torch.float64)
+    assert torch.allclose(cov, want)
+    mu1, cov1 = afg.calibrate(x, 2, means, covs, counts, beta=0.5, support=1, gamma=0.0)  # K = 1: class 1 only
+    assert torch.allclose(mu1, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(cov1, 0.25 * covs[2] + 0.25 * covs[1])
+
+
+def test_generated_features_match_the_calibrated_gaussian():
+    from livt import afg
+
+    x, means, covs, counts = _calibration_case()
+    roots = torch.stack([afg.cov_root(c) for c in covs])
+    gen = torch.Generator().manual_seed(0)
+    draws = afg.sample_calibrated(x, 2, means, roots, counts, 0.5, 2, 0.1, 200_000, gen)  # (n, 2)
+    mu, cov = afg.calibrate(x, 2, means, covs, counts, beta=0.5, support=2, gamma=0.1)
+    # standard errors: ~0.002 on the mean, ~0.003 on the covariance entries at n = 200k
+    assert torch.allclose(draws.mean(0), mu, atol=0.01)
+    centred = draws - draws.mean(0)
+    assert torch.allclose(centred.t() @ centred / (len(draws) - 1), cov, atol=0.015)
+
+
+def test_beta_rises_with_tail_val_accuracy_and_falls_with_it():
+    from livt import afg
+
+    beta = torch.tensor([0.6, 0.6, 0.6, 1.0, 0.0], dtype=torch.float64)
+    acc = torch.tensor([0.5, 0.3, 0.4, 0.9, 0.9], dtype=torch.float64)
+    before = torch.tensor([0.4, 0.4, 0.4, 0.1, 0.1], dtype=torch.float64)
+    tail = torch.tensor([True, True, True, True, False])
+    new = afg.update_beta(beta, acc, before, tail, 0.05)
+    assert torch.allclose(new, torch.tensor([0.65, 0.55, 0.6, 1.0, 0.0], dtype=torch.float64))  # up, down, same, capped, head
+
+
+def test_kd_term_is_zero_on_tail_classes_and_follows_the_gbl_schedule():
+    from livt import afg
+
+    assert afg.gbl_alpha(0.0, 1.0, 2.0) == 0.0 and afg.gbl_alpha(1.0, 1.0, 2.0) == 1.0
+    assert afg.gbl_alpha(0.5, 0.5, 2.0) == pytest.approx(0.5 * (math.sqrt(2) - 1))
+    logits, teacher = torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[0.0, 3.0, -1.0]])
+    head = torch.tensor([True, False, False])
+    tail_sample, head_sample = torch.tensor([1]), torch.tensor([0])
+    assert torch.equal(afg.afg_loss(logits, teacher, tail_sample, head, alpha=0.7),
+                       F.cross_entropy(logits, tail_sample))
+    p, q = F.softmax(teacher, 1), F.log_softmax(logits, 1)
+    kd = (p * (p.log() - q)).sum()
+    assert torch.isclose(afg.afg_loss(logits, teacher, head_sample, head, alpha=0.7),
+                         F.cross_entropy(logits, head_sample) + 0.7 * kd)
+
+
+def test_afg_end_to_end_leaves_the_backbone_bitwise_unchanged(tmp_path, stage1):
+    first = stage1("ce")  # the recipe's stage 1 is `gbl` (another branch); any classifier file works
+    run_dir = finetune.main(["--data", "tiny", "--method", "glag", "--init_classifier", str(first),
+                             "--optim.epochs", "3", "--afg.head_min_count", "20", "--output_dir", str(tmp_path),
+                             "--run_name", "glag"])
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["stage2"]["name"] == "afg" and results["budget"]["epochs"] == 3
+    assert len(results["selection"]["tail_beta"]) == 5 and results["selection"]["tail_beta"][0] == 0.0  # head
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generated"] for r in rows] == [40 * 5 - 85] * 3  # every class topped up to the largest
+    new, old = load_file(run_dir / "classifier.safetensors"), load_file(first)
+    assert all(torch.equal(new[k], old[k]) for k in old if not k.startswith("head."))
+    assert not torch.equal(new["head.weight"], old["head.weight"])
