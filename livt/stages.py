@@ -309,7 +309,7 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
             f"{d.val_from_train}: the val split would overlap stage 1's training images; run both stages with "
             f"the same --data.val_from_train")
     if STAGES2[cfg.stage2].linear_head and not isinstance(model.get_classifier(), nn.Linear):
-        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} rescales a linear head; {path} has a "
+        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} needs a linear stage-1 head; {path} has a "
                                      f"{type(model.get_classifier()).__name__}")
 
 
@@ -380,6 +380,8 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     seconds = time.perf_counter() - t0
     set_head(model, head.to(accelerator.device))
     log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    if accelerator.is_main_process:  # recomputed whole (no training state): replace an earlier attempt's rows
+        log.path.unlink(missing_ok=True)
     for row in rows:
         log.write(**row)
     if accelerator.is_main_process:
