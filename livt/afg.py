@@ -158,6 +158,7 @@ def afg_loss(logits: Tensor, teacher: Tensor, labels: Tensor, head: Tensor, alph
 
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) float64 top-1 per class; 0 for a class absent from `labels` (its beta then never moves)."""
     n = torch.bincount(labels, minlength=num_classes).double()
     hits = torch.bincount(labels, (logits.argmax(1) == labels).double(), minlength=num_classes)
     return torch.where(n > 0, hits / n.clamp_min(1), torch.zeros_like(n))
@@ -211,8 +212,9 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
             acc = per_class_accuracy(head(val_x), val_y, num_classes)
         beta = update_beta(beta, acc, previous, tail, a.beta_step)
         previous = acc
+        present = torch.bincount(val_y, minlength=num_classes) > 0
         rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "generated": len(fake_y),
-                     "val_mean_class_acc": float(acc.mean() * 100),
+                     "val_mean_class_acc": float(acc[present].mean() * 100),
                      "tail_beta_mean": float(beta[tail].mean()) if tail.any() else None,
                      "seconds": round(time.perf_counter() - t0, 2)})
     return head, rows, beta

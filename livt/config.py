@@ -10,7 +10,8 @@ layer set each non-default value (`sources`), and `config.yaml` records it.
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
-mapping (family, paper, summary) that `livt compare --list` shows; neither is a config key.
+mapping (family, paper, summary; a second-stage recipe adds `stage1`, the method whose classifier it starts
+from) that `livt compare --list` shows; neither is a config key.
 """
 
 from __future__ import annotations
