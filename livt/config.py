@@ -10,7 +10,8 @@ layer set each non-default value (`sources`), and `config.yaml` records it.
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
-mapping (family, paper, summary) that `livt compare --list` shows; neither is a config key.
+mapping (family, paper, summary; a second-stage recipe adds `stage1`, the method whose classifier it starts
+from) that `livt compare --list` shows; neither is a config key.
 """
 
 from __future__ import annotations
@@ -233,6 +234,14 @@ class LossConfig:
     """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * sum of branch CEs"""
     sade_lambda: float = 2.0
     """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
+    las_head: float = 0.3
+    """label-aware smoothing (MiSLAS): epsilon of the largest class"""
+    las_tail: float = 0.0
+    """label-aware smoothing: epsilon of the smallest class"""
+    las_shape: str = "linear"
+    """label-aware smoothing: epsilon as a function of the class count: linear | concave | convex"""
+    las_spread: str = "paper"
+    """label-aware smoothing: paper (eps_y / (K - 1) on each other class) | code (eps_y / K on every class)"""
 
 
 @dataclass
@@ -255,6 +264,38 @@ class AugConfig:
     """random erasing probability (pixel mode)"""
     color_jitter: float = 0.0
     """colour jitter (off when RandAugment is used)"""
+
+
+@dataclass
+class DecoupledConfig:
+    tau_min: float = 0.0
+    """tau-norm: smallest tau of the sweep"""
+    tau_max: float = 2.0
+    """tau-norm: largest tau of the sweep"""
+    tau_steps: int = 21
+    """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
+
+
+@dataclass
+class AFGConfig:
+    tukey: float = 0.5
+    """GLAG AFG: Tukey power lambda of the features, x -> sign(x) |x|^lambda (1 = none)"""
+    support: int = 2
+    """GLAG AFG: support classes per tail sample (K, 2-3 in the paper)"""
+    gamma: float = 0.0
+    """GLAG AFG: added to the calibrated covariance's diagonal (Eq. 9; 0 or 0.1 in the paper)"""
+    beta: float = 0.6
+    """GLAG AFG: initial confidence beta of every tail class (0.4 in the paper's ablation)"""
+    beta_step: float = 0.05
+    """GLAG AFG: beta change per epoch when a tail class's val accuracy rises (+) or falls (-)"""
+    head_min_count: int = 101
+    """GLAG AFG: classes with at least this many training images are head classes (many-shot: > 100)"""
+    kd_temperature: float = 1.0
+    """GLAG AFG: temperature of the distillation from the stage-1 head"""
+    gbl_s: float = 1.0
+    """GLAG: s of alpha(t) = s (c^t - 1), the weight of the distillation term"""
+    gbl_c: float = 2.0
+    """GLAG: c of alpha(t) = s (c^t - 1)"""
 
 
 @dataclass
@@ -310,6 +351,8 @@ class FinetuneConfig(RunConfig):
         layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    afg: AFGConfig = field(default_factory=AFGConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
     select: str = "auto"
@@ -319,6 +362,11 @@ class FinetuneConfig(RunConfig):
     """pretraining .safetensors (encoder or full MAE) to start from"""
     from_scratch: bool = False
     """start from random weights (no --pretrained)"""
+    init_classifier: str = ""
+    """fine-tuned classifier .safetensors to start a second stage from (its backbone is frozen)"""
+    stage2: str = ""
+    """second stage on the frozen backbone of --init_classifier: '' (ordinary fine-tuning) | crt | tau_norm |
+    lws | ncm | mislas | afg (see livt.stages.STAGES2)"""
     eval_only: bool = False
     """evaluate --checkpoint and exit"""
     checkpoint: str = ""
@@ -692,7 +740,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
+    "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
         "seql": dict(gamma=cfg.seql_gamma, threshold=cfg.seql_threshold),
         "cdt": dict(gamma=cfg.cdt_gamma),
         "gbl": dict(s=cfg.gbl_s, c=cfg.gbl_c),
+        "label_aware_smoothing": dict(head=cfg.las_head, tail=cfg.las_tail, shape=cfg.las_shape,
+                                      spread=cfg.las_spread),
     }.get(cfg.name, {})
 
 
@@ -215,6 +218,19 @@ def check_tta(cfg: config_lib.FinetuneConfig) -> None:
                                      f"--model.head sade, not '{cfg.model.head}'")
 
 
+def train_data(cfg: config_lib.FinetuneConfig, train, device: torch.device):
+    """The augmented training set of `cfg`: held on the device with batched crop / flip (`data.on_device`),
+    or per-sample transforms in loader workers (crop, RandAugment, random erasing; mixup is in
+    `TargetMaker`)."""
+    d, a = cfg.data, cfg.aug
+    if d.on_device:
+        check_finetune_aug(a)
+        return OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad)
+    transform = finetune_transform(d.img_size, d.mean, d.std, a.rand_augment, a.reprob, a.color_jitter,
+                                   a.crop_scale, a.crop, a.pad)
+    return Augmented(train, transform, cfg.seed, d.skip_bad_images)
+
+
 def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
         raise config_lib.ConfigError(
@@ -222,6 +238,10 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     check_tta(cfg)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg)
+    if cfg.stage2 or cfg.init_classifier:
+        from livt.stages import run_stage2  # imported here: livt.stages builds on this module
+
+        return run_stage2(cfg)
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
@@ -255,22 +275,31 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         images, target = targets(images, labels)
         return criterion(net(images), target, trainer.plan.progress(step))
 
-    if d.on_device:
-        check_finetune_aug(cfg.aug)
-        data = OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, accelerator.device, cfg.aug.crop,
-                        cfg.aug.crop_scale, cfg.aug.pad)
-    else:
-        data = Augmented(train, finetune_transform(d.img_size, d.mean, d.std, cfg.aug.rand_augment, cfg.aug.reprob,
-                                                   cfg.aug.color_jitter, cfg.aug.crop_scale, cfg.aug.crop,
-                                                   cfg.aug.pad),
-                         cfg.seed, d.skip_bad_images)
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model), data, train.targets,
-                             train.num_classes, forward, optimize=model)
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
+                             train_data(cfg, train, accelerator.device), train.targets, train.num_classes, forward,
+                             optimize=model)
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names,
                 pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
+    fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split, val, test,
+                   counts, meta)
+    return run_dir
+
+
+def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, trainer: engine.Trainer,
+                   classifier: Callable[[], torch.nn.Module], rule: str, val_split: str, val, test,
+                   counts: np.ndarray, meta: dict[str, Any],
+                   export: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                   info: dict[str, Any] | None = None) -> None:
+    """Train, keep the reported epoch by `rule` (val evaluations on the way), evaluate it on test once and
+    write the results files (plus the entries of `info`). `classifier()` is the trained classifier inside
+    the trainer; `export` turns it into the plain classifier that is saved (a second stage folds its extra
+    parameters into the head)."""
     reported_path = run_dir / "classifier.safetensors"
-    classifier = lambda: trainer.unwrapped.model  # noqa: E731
+
+    def save(path: Path, **extra: Any) -> None:
+        model = export(classifier())
+        save_model(model, path, "classifier", arch_of(model), **extra, **meta)
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         last = epoch + 1 == cfg.optim.epochs
@@ -283,8 +312,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
             if val_results["top1"] > trainer.state.best_metric:
                 trainer.state.best_metric, trainer.state.best_epoch = val_results["top1"], epoch + 1
                 if accelerator.is_main_process:
-                    save_model(classifier(), reported_path, "classifier", arch_of(classifier()),
-                               best_epoch=epoch + 1, **meta)
+                    save(reported_path, best_epoch=epoch + 1)
             return row
         if rule == "last" and last:
             trainer.state.best_epoch = epoch + 1
@@ -293,24 +321,23 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     trainer.fit(end_of_epoch)
 
     if accelerator.is_main_process:
-        save_model(classifier(), run_dir / "classifier_last.safetensors", "classifier", arch_of(classifier()),
-                   **meta)
+        save(run_dir / "classifier_last.safetensors")
         if rule == "last":
-            save_model(classifier(), reported_path, "classifier", arch_of(classifier()),
-                       best_epoch=cfg.optim.epochs, **meta)
+            save(reported_path, best_epoch=cfg.optim.epochs)
     accelerator.wait_for_everyone()
     state, _ = load_file_with_meta(reported_path)
-    classifier().load_state_dict(state)
-    tau = posthoc_tau(accelerator, trainer.model, cfg, val, test, counts)
-    results = evaluate_split(accelerator, trainer.model, cfg, test, counts, cfg.loss.name, tau, final=True)
+    reported = export(classifier())
+    reported.load_state_dict(state)
+    tau = posthoc_tau(accelerator, reported, cfg, val, test, counts)
+    results = evaluate_split(accelerator, reported, cfg, test, counts, cfg.loss.name, tau, final=True)
     results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
                             "select": cfg.select}
     results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
                          "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum
                          * trainer.plan.world, "train_seconds": round(trainer.state.train_seconds, 1)}
-    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.loss.name}, test", cfg)
+    results.update(info or {})
+    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
     accelerator.end_training()
-    return run_dir
 
 
 def run_info(cfg: config_lib.FinetuneConfig, run_dir: Path) -> dict[str, Any]:
@@ -324,7 +351,7 @@ def report(accelerator, run_dir: Path, results: dict, class_names, counts, label
            cfg: config_lib.FinetuneConfig) -> None:
     if accelerator.is_main_process:
         shifted = results.pop("shifted", None)
-        keys = ("selection", "budget", "posthoc", "transductive")
+        keys = ("selection", "budget", "posthoc", "transductive", "stage2")
         info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in keys if k in results}}
         write_results(run_dir, results, class_names, counts, prefix="test", info=info)
         weights = "classifier.safetensors" if (run_dir / "classifier.safetensors").is_file() else cfg.checkpoint

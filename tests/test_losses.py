@@ -16,7 +16,6 @@ from livt.losses import (
     ce,
     focal,
     prior,
-    signature,
 )
 
 COUNTS = [6, 3, 1]
@@ -122,7 +121,8 @@ def test_soft_targets_mixup_is_convex_combination():
     assert close(ce(z, t), 0.7 * 0.1269280 + 0.3 * 2.1269280)
 
 
-@pytest.mark.parametrize("name", ["bal_bce", "bal_ce", "bce", "cb_ce", "ce", "focal"])  # the rest: test_losses_lt.py, test_modules.py
+# the other losses: tests/test_losses_lt.py, tests/test_modules.py
+@pytest.mark.parametrize("name", ["bal_bce", "bal_ce", "bce", "cb_ce", "ce", "focal"])
 def test_one_hot_soft_equals_hard_and_mixup_is_linear(name):
     g = torch.Generator().manual_seed(0)
     z, y, y2 = torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 2, 1]), torch.tensor([1, 1, 0, 2, 0])

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from livt.losses import balanced, margin, reweighted
+from livt.losses import balanced, margin, reweighted, smoothing
 from livt.losses.balanced import (
     BIAS_VARIANTS,
     bal_bce,
@@ -52,6 +52,7 @@ from livt.losses.balanced import (
 from livt.losses.core import Counts, cb_weights, counts64, inverse_frequency_weights, prior
 from livt.losses.margin import cdt, cdt_temperatures, ldam, ldam_margins
 from livt.losses.modules import reslt, sade
+from livt.losses.smoothing import label_aware_smoothing, las_epsilons
 from livt.losses.reweighted import cb_bce, cb_ce, cb_focal, focal, ib, seql, weighted_ce
 
 
@@ -81,6 +82,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "seql": seql,
     "cdt": cdt,
     "gbl": gbl,
+    "label_aware_smoothing": label_aware_smoothing,  # MiSLAS stage 2
     "reslt": reslt,  # module improvements: losses on the branch / expert outputs (livt.losses.modules)
     "sade": sade,
 }
@@ -90,7 +92,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 # copies the tables to each device once rather than every step. The public function is the kernel
 # applied to its tables.
 TABLES: dict[str, tuple[Callable[..., dict[str, Tensor]], Callable[..., Tensor]]] = {
-    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES}
+    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES, **smoothing.TABLES}
 
 INPUTS = ("targets", "class_counts", "progress")  # what the loop supplies besides the model outputs
 
@@ -171,4 +173,4 @@ def build_loss(name: str, class_counts: Counts, **options: object) -> Criterion:
 __all__ = ["LOSSES", "TABLES", "BIAS_VARIANTS", "Criterion", "signature", "prior", "bal_bce_bias", "cb_weights",
            "inverse_frequency_weights", "ldam_margins", "cdt_temperatures", "gbl_alpha", "ce", "bce", "bal_ce",
            "bal_bce", "focal", "cb_ce", "cb_focal", "cb_bce", "weighted_ce", "ldam", "lade", "ib", "seql", "cdt",
-           "gbl", "build_loss"]
+           "gbl", "label_aware_smoothing", "las_epsilons", "reslt", "sade", "build_loss"]

@@ -1,0 +1,216 @@
+"""GLAG's stage 2, the Adaptive Feature Generator (Zhang et al., GLAG, Sec. 4.2, Eq. 5-11): the second stage
+`afg` of `livt.stages.STAGES2`, a classifier trained on features of the frozen stage-1 backbone.
+
+    livt finetune --data tiny --method glag --init_classifier <gbl run>/classifier.safetensors  (seconds)
+
+1. Features: the frozen backbone's pre-logits features of the training images (evaluation transform),
+   Tukey-transformed x -> sign(x) |x|^lambda (Tukey's x^lambda for the non-negative features of a ReLU
+   network; the sign keeps it invertible for a ViT's signed LayerNorm features).
+2. Per class k: mean mu_k (Eq. 5) and unbiased covariance Sigma_k (Eq. 6; zero for a single sample).
+   Memory C x D x D floats (ImageNet-LT, ResNet-50: 1000 x 2048^2 x 4 B = 16 GB: feasible only for small D).
+3. Each epoch, for EACH sample x_i of a tail class (fewer than afg.head_min_count training images; a class
+   with no larger class is handled like a head class): the support set S = the afg.support classes with
+   more training samples whose means are nearest (d_ij = ||x_i - mu_j||), weights w_j = N_j / d_ij (Eq. 10),
+   calibrated mean (1 - beta_y) x_i + beta_y sum_j w_j mu_j / sum_j w_j (Eq. 8) and covariance
+   (1 - beta_y)^2 Sigma_y + beta_y^2 sum_j w_j Sigma_j / sum_j w_j + gamma I (Eq. 9). Each tail class gets
+   n_max - N_y generated features, spread over its samples in turn; the other classes are topped up to
+   n_max from their own N(mu_k, Sigma_k) (sampled through factors of the class covariances computed
+   once, `sample_calibrated`). Generated features are mapped back through the inverse Tukey
+   transform, so the classifier (and the saved head) works on the backbone's own features.
+4. Real and generated features are shuffled together each epoch; the head (initialised from stage 1) is
+   trained with CE + alpha(t) KD(stage-1 head -> stage-2 head), the KD term only on samples of head classes,
+   alpha(t) = s (c^t - 1) the Gradual Balanced Loss schedule (t = training progress per step in [0, 1)).
+5. The adaptive confidence beta (one per tail class, from afg.beta = 0.6) follows the class's accuracy on
+   the held-out val split after each epoch: up by afg.beta_step when it rose over the previous evaluation
+   (the first one: the stage-1 head's), down by afg.beta_step when it fell, unchanged when equal, kept in
+   [0, 1] (the paper gives the direction, not a rule). Val must be held out (never the reported test split).
+The reported head is the last epoch's. Randomness: one generator seeded from the run seed; the training is
+seconds on cached features, so there is no mid-run resume (a killed run is re-run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from livt import config as config_lib
+from livt import engine
+from livt.losses import gbl_alpha  # the Gradual Balanced Loss schedule s (c^t - 1), GLAG Eq. 3
+from livt.optim import build_optimizer, lr_at, set_lr
+
+
+def tukey(x: Tensor, lam: float) -> Tensor:
+    return x.sign() * x.abs().pow(lam)
+
+
+def tukey_inverse(y: Tensor, lam: float) -> Tensor:
+    return y.sign() * y.abs().pow(1.0 / lam)
+
+
+def class_stats(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class mean (C, D) (Eq. 5) and unbiased covariance (C, D, D) (Eq. 6), float64."""
+    x = x.double()
+    means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    covs = torch.zeros(num_classes, x.shape[1], x.shape[1], dtype=torch.float64)
+    for k in range(num_classes):
+        xk = x[labels == k]
+        means[k] = xk.mean(0)
+        if len(xk) > 1:
+            d = xk - means[k]
+            covs[k] = d.t() @ d / (len(xk) - 1)
+    return means, covs
+
+
+def support_set(x: Tensor, y: int, means: Tensor, counts: Tensor, support: int) -> tuple[Tensor, Tensor]:
+    """(classes S, weights w_j = N_j / d_ij) of one transformed tail sample `x` of class `y` (Eq. 7, 10): the
+    `support` classes with more samples than `y` whose means are nearest to `x`."""
+    larger = torch.nonzero(counts > counts[y]).flatten()
+    d = (means[larger] - x.double()).norm(dim=1)  # (L,)
+    order = torch.argsort(d)[:support]
+    return larger[order], counts[larger[order]].double() / d[order].clamp_min(1e-12)
+
+
+def calibrate(x: Tensor, y: int, means: Tensor, covs: Tensor, counts: Tensor, beta: float, support: int,
+              gamma: float) -> tuple[Tensor, Tensor]:
+    """Calibrated mean (D,) (Eq. 8) and covariance (D, D) (Eq. 9) of one transformed tail sample."""
+    s, w = support_set(x, y, means, counts, support)
+    mu = (1 - beta) * x.double() + beta * (w[:, None] * means[s]).sum(0) / w.sum()
+    cov = ((1 - beta) ** 2 * covs[y] + beta ** 2 * (w[:, None, None] * covs[s]).sum(0) / w.sum()
+           + gamma * torch.eye(len(x), dtype=torch.float64))
+    return mu, cov
+
+
+def cov_root(cov: Tensor) -> Tensor:
+    """R with R R^T = cov, for a semi-definite cov (a class of few samples), by eigendecomposition."""
+    vals, vecs = torch.linalg.eigh(cov)
+    return vecs * vals.clamp_min(0).sqrt()
+
+
+def sample_calibrated(x: Tensor, y: int, means: Tensor, roots: Tensor, counts: Tensor, beta: float,
+                      support: int, gamma: float, n: int, gen: torch.Generator) -> Tensor:
+    """n draws (n, D) of N(Eq. 8 mean, Eq. 9 covariance) without forming or factorising Eq. 9 per sample:
+    a sum of independent Gaussians (1 - beta) R_y z_0 + beta sum_j sqrt(w_j / sum w) R_j z_j + sqrt(gamma) z
+    has exactly that covariance, and the class roots R_k are factorised once."""
+    s, w = support_set(x, y, means, counts, support)
+    mu = (1 - beta) * x.double() + beta * (w[:, None] * means[s]).sum(0) / w.sum()
+    dim = len(x)
+    z = torch.randn(len(s) + 2, n, dim, generator=gen, dtype=torch.float64)
+    noise = (1 - beta) * z[0] @ roots[y].t() + math.sqrt(gamma) * z[1]
+    for j, (k, wj) in enumerate(zip(s.tolist(), (w / w.sum()).tolist())):
+        noise = noise + beta * math.sqrt(wj) * z[j + 2] @ roots[k].t()
+    return mu + noise
+
+
+def tail_classes(counts: Tensor, head_min_count: int) -> Tensor:
+    """Bool (C,): classes below `head_min_count` that have a larger class to borrow from."""
+    return (counts < head_min_count) & (counts < counts.max())
+
+
+def generate(xt: Tensor, labels: Tensor, means: Tensor, roots: Tensor, counts: Tensor, tail: Tensor,
+             beta: Tensor, cfg: config_lib.AFGConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Generated transformed features and labels that top every class up to the largest count."""
+    feats, ys = [], []
+    n_max = int(counts.max())
+    for k in range(len(counts)):
+        gap = n_max - int(counts[k])
+        if gap == 0:
+            continue
+        if not tail[k]:
+            z = torch.randn(gap, xt.shape[1], generator=gen, dtype=torch.float64)
+            feats.append(means[k] + z @ roots[k].t())
+        else:
+            own = xt[labels == k]
+            share = torch.full((len(own),), gap // len(own), dtype=torch.long)
+            share[: gap % len(own)] += 1  # the gap spread over the class's samples in turn
+            for x, n in zip(own, share.tolist()):
+                if n:
+                    feats.append(sample_calibrated(x, k, means, roots, counts, float(beta[k]), cfg.support,
+                                                   cfg.gamma, n, gen))
+        ys.append(torch.full((gap,), k, dtype=torch.long))
+    if not feats:
+        return xt.new_zeros(0, xt.shape[1]), labels.new_zeros(0)
+    return torch.cat(feats).float(), torch.cat(ys)
+
+
+def update_beta(beta: Tensor, acc: Tensor, previous: Tensor, tail: Tensor, step: float) -> Tensor:
+    """The documented rule: per tail class, + step where val accuracy rose, - step where it fell, in [0, 1]."""
+    move = torch.sign(acc - previous) * step * tail
+    return (beta + move).clamp(0.0, 1.0)
+
+
+def afg_loss(logits: Tensor, teacher: Tensor, labels: Tensor, head: Tensor, alpha: float,
+             temperature: float = 1.0) -> Tensor:
+    """CE + alpha * KD (Eq. 11): KD = T^2 KL(softmax(teacher / T) || softmax(logits / T)) per sample, kept
+    only for samples of head classes (`head` (C,) bool); batch means."""
+    ce = F.cross_entropy(logits, labels)
+    kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                  log_target=True, reduction="none").sum(1) * temperature ** 2  # (B,)
+    return ce + alpha * (kl * head[labels]).mean()
+
+
+def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) float64 top-1 per class; 0 for a class absent from `labels` (its beta then never moves)."""
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, (logits.argmax(1) == labels).double(), minlength=num_classes)
+    return torch.where(n > 0, hits / n.clamp_min(1), torch.zeros_like(n))
+
+
+def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+              cfg: config_lib.FinetuneConfig) -> tuple[nn.Linear, list[dict], Tensor]:
+    """Train `head` (a copy of the stage-1 head) on real + generated features; returns it, a row per
+    epoch and the final betas."""
+    a, num_classes = cfg.afg, head.out_features
+    if not 0 < a.tukey <= 1 or a.support < 1:
+        raise config_lib.ConfigError(f"--afg.tukey must be in (0, 1] and --afg.support >= 1, got {a.tukey}, {a.support}")
+    teacher = nn.Linear(head.in_features, num_classes)
+    teacher.load_state_dict(head.state_dict())
+    teacher.requires_grad_(False)
+    counts = torch.bincount(train_y, minlength=num_classes)
+    tail = tail_classes(counts, a.head_min_count)
+    is_head = ~tail
+    xt = tukey(train_x.double(), a.tukey)
+    means, covs = class_stats(xt, train_y, num_classes)
+    roots = torch.stack([cov_root(c) for c in covs])  # (C, D, D)
+    beta = tail.double() * a.beta
+    gen = torch.Generator().manual_seed(engine.derive_seed(cfg.seed, 12))
+    optimizer = build_optimizer(head, cfg.optim, 0.0)
+    lr = cfg.optim.lr if cfg.optim.lr > 0 else cfg.optim.blr * cfg.optim.batch_size / 256
+    with torch.no_grad():
+        previous = per_class_accuracy(head(val_x), val_y, num_classes)
+    rows, step = [], 0
+    n_fake = int((counts.max() - counts).sum())
+    steps_per_epoch = math.ceil((len(train_y) + n_fake) / cfg.optim.batch_size)
+    total = cfg.optim.epochs * steps_per_epoch
+    for epoch in range(cfg.optim.epochs):
+        t0 = time.perf_counter()
+        fake_t, fake_y = generate(xt, train_y, means, roots, counts, tail, beta, a, gen)
+        x = torch.cat([train_x, tukey_inverse(fake_t.double(), a.tukey).float()])
+        y = torch.cat([train_y, fake_y])
+        order = torch.randperm(len(y), generator=gen)
+        losses = []
+        for i in range(0, len(y), cfg.optim.batch_size):
+            idx = order[i:i + cfg.optim.batch_size]
+            set_lr(optimizer, lr_at(step, total, round(cfg.optim.warmup_epochs * steps_per_epoch), lr,
+                                    cfg.optim.min_lr, cfg.optim.schedule))
+            alpha = gbl_alpha(step / total, a.gbl_s, a.gbl_c)
+            loss = afg_loss(head(x[idx]), teacher(x[idx]), y[idx], is_head, alpha, a.kd_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+        with torch.no_grad():
+            acc = per_class_accuracy(head(val_x), val_y, num_classes)
+        beta = update_beta(beta, acc, previous, tail, a.beta_step)
+        previous = acc
+        present = torch.bincount(val_y, minlength=num_classes) > 0
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "generated": len(fake_y),
+                     "val_mean_class_acc": float(acc[present].mean() * 100),
+                     "tail_beta_mean": float(beta[tail].mean()) if tail.any() else None,
+                     "seconds": round(time.perf_counter() - t0, 2)})
+    return head, rows, beta

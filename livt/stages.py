@@ -1,0 +1,398 @@
+"""Second stages on a frozen backbone: the decoupled classifiers of Kang et al. (ICLR 2020: cRT, tau-norm,
+LWS, NCM) and MiSLAS's classifier re-training (Zhong et al., CVPR 2021).
+
+    livt finetune --data tiny --method ce --from_scratch --run_name s1                              # stage 1
+    livt finetune --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
+    (seconds each on a CPU)
+
+A second stage starts from a fine-tuned classifier file (`--init_classifier`; any timm-style backbone:
+`forward_features`, `forward_head(x, pre_logits=True)`, `get_classifier()`, `livt.models.set_head`),
+freezes its backbone and changes only what its method names. Frozen means every parameter (no gradient)
+and every buffer: the backbone runs in eval mode, so dropout and drop path are off and BatchNorm
+statistics stay, except under MiSLAS's shifted BN. Trained methods run the Trainer of ordinary
+fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
+and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
+results files of `livt.finetune`, with a `stage2` entry saying what was changed.
+
+`STAGES2` (each recipe configs/methods/<name>.yaml names its stage 1 in `about.stage1`):
+    crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
+    lws       the stage-1 head frozen, a learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c);
+              folded into a plain linear head when saved (W <- f * W, b <- f * b)
+    mislas    the stage-1 head trained further (not re-initialised) with label-aware smoothing (the
+              recipe's loss) and shifted BN: the BatchNorm layers in training mode, so their running
+              statistics are re-estimated on the class-balanced batches (their affine weights stay).
+              A ViT has no BatchNorm (LayerNorm keeps no statistics): there shifted BN changes nothing,
+              MiSLAS's stage 2 is head re-training with label-aware smoothing, and the results say so
+    tau_norm  w_c / ||w_c||^tau with the bias dropped; tau swept over decoupled.tau_min..tau_max and
+              chosen on the held-out val split by mean per-class accuracy (top-1 on a balanced val)
+    ncm       cosine to the L2-normalised mean of each class's L2-normalised training features (eval
+              transform, no augmentation); saved as a cosine head of scale model.head_scale, which sets
+              the confidence (ECE) only
+    afg       GLAG's Adaptive Feature Generator (livt.afg): the stage-1 head re-trained on cached features
+              plus calibrated Gaussian features for the tail classes, KD to the stage-1 head on head classes
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from livt import config as config_lib
+from livt import engine, finetune
+from livt.checkpoint import arch_of, load_classifier, save_model
+from livt.data import build_dataset, heldout_val
+from livt.data.loading import Augmented
+from livt.data.stats import class_counts, describe
+from livt.data.transforms import eval_transform
+from livt.losses import build_loss
+from livt.models import build_head, outputs, set_head
+from livt.models.heads import CosineHead
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BN layers subclass these
+
+
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BATCHNORMS)]
+
+
+class FrozenBackbone(nn.Module):
+    """`forward(images) -> livt.models.outputs(model, images)` with the backbone kept in eval mode whatever
+    `train()` says: only the head follows it, and with `shift_bn` the BatchNorm layers too."""
+
+    def __init__(self, model: nn.Module, shift_bn: bool = False) -> None:
+        super().__init__()
+        self.model, self.shift_bn = model, shift_bn
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        super().train(False)
+        self.training = mode
+        self.model.get_classifier().train(mode)
+        if self.shift_bn:
+            for bn in batchnorms(self.model):
+                bn.train(mode)
+        return self
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return outputs(self.model, images)
+
+
+class ClassScales(nn.Module):
+    """LWS: logits f_c * head(x)_c, the linear head frozen, f (C,) learned from ones."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head.requires_grad_(False)
+        self.scale = nn.Parameter(torch.ones(head.out_features))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.head(features) * self.scale  # (B, C)
+
+    def folded(self) -> nn.Linear:
+        """The same map as one nn.Linear: W <- f * W, b <- f * b."""
+        w, b, f = self.head.weight, self.head.bias, self.scale.detach()
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(w.device)
+        with torch.no_grad():
+            linear.weight.copy_(f[:, None] * w)
+            if b is not None:
+                linear.bias.copy_(f * b)
+        return linear
+
+
+# ---------------------------------------------------------------------------------------------
+# What each method trains (`trainable(model, cfg)` sets the head, returns the module to optimise)
+
+
+def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+    head = build_head(cfg.model.head, model.num_features, model.num_classes, cfg.model.head_scale)
+    set_head(model, head)
+    return head
+
+
+def stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+    return model.get_classifier().requires_grad_(True)
+
+
+def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+    scaled = ClassScales(model.get_classifier())
+    set_head(model, scaled)
+    return scaled
+
+
+def fold_scales(model: nn.Module) -> nn.Module:
+    """A copy of an LWS model with its scales folded into a plain linear head."""
+    scaled = model.get_classifier()
+    out = copy.copy(model)  # shallow: shares the (frozen) backbone modules, gets its own head
+    out._modules = dict(model._modules)
+    set_head(out, scaled.folded())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods computed from features (`solve(accelerator, model, cfg, train, val)` -> head, selection, log rows)
+
+
+class PreLogits(nn.Module):
+    """The classifier's input (B, D), under the name `engine.predict` collects."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+
+def features(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, dataset) -> tuple[Tensor, Tensor]:
+    """(features (N, D) float32, labels (N,)) of every image of `dataset` through the evaluation transform."""
+    d = cfg.data
+    data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
+    return engine.predict(accelerator, PreLogits(model), data, d.batch_size, d.num_workers)
+
+
+def tau_normalised(weight: Tensor, tau: float) -> Tensor:
+    """w_c / ||w_c||^tau for each class row of `weight` (C, D)."""
+    return weight / weight.norm(dim=1, keepdim=True).pow(tau)
+
+
+def mean_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> float:
+    """Mean over the classes present of per-class top-1, in percent (= top-1 on a balanced split)."""
+    correct = (logits.argmax(1) == labels).double()
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, correct, minlength=num_classes)
+    return float((hits[n > 0] / n[n > 0]).mean() * 100)
+
+
+def tau_grid(cfg: config_lib.DecoupledConfig) -> list[float]:
+    if cfg.tau_steps < 1 or cfg.tau_min > cfg.tau_max:
+        raise config_lib.ConfigError(f"--decoupled.tau_min/tau_max/tau_steps: need tau_min <= tau_max and "
+                                     f"tau_steps >= 1, got {cfg.tau_min}, {cfg.tau_max}, {cfg.tau_steps}")
+    if cfg.tau_steps == 1:
+        return [cfg.tau_min]
+    step = (cfg.tau_max - cfg.tau_min) / (cfg.tau_steps - 1)
+    return [round(cfg.tau_min + i * step, 10) for i in range(cfg.tau_steps)]
+
+
+def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
+               taus: list[float]) -> tuple[float, list[dict[str, float]]]:
+    """The tau of the best val mean per-class accuracy (the smallest on ties) and every tau's row."""
+    rows = []
+    for tau in taus:
+        logits = val_features @ tau_normalised(weight, tau).t()  # (N, C), no bias
+        rows.append({"tau": tau, "val_mean_class_acc": mean_class_accuracy(logits, val_labels, weight.shape[0])})
+    best = max(rows, key=lambda r: r["val_mean_class_acc"])  # first maximum: the smallest tau
+    return best["tau"], rows
+
+
+def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+    weight = model.get_classifier().weight.detach().float().cpu()
+    val_features, val_labels = features(accelerator, model, cfg, val)
+    tau, rows = choose_tau(weight, val_features, val_labels, tau_grid(cfg.decoupled))
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(tau_normalised(weight, tau))
+        head.bias.zero_()  # Kang et al. drop the bias
+    return (head, {"rule": "tau with the best val mean per-class accuracy", "tau": tau}, rows,
+            {"epochs": 0, "steps": 0, "images_seen": len(val)})
+
+
+def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C, D) L2-normalised mean of the L2-normalised features of each class."""
+    unit = F.normalize(feats, dim=1)
+    sums = torch.zeros(num_classes, feats.shape[1], dtype=unit.dtype).index_add_(0, labels, unit)
+    return F.normalize(sums / torch.bincount(labels, minlength=num_classes)[:, None], dim=1)
+
+
+def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+    feats, labels = features(accelerator, model, cfg, train)
+    head = CosineHead(feats.shape[1], model.num_classes, cfg.model.head_scale)
+    with torch.no_grad():
+        head.weight.copy_(class_means(feats, labels, model.num_classes))
+    return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
+                                                                              "images_seen": len(train)}
+
+
+def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+    """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features."""
+    from livt import afg as afg_lib
+
+    train_x, train_y = features(accelerator, model, cfg, train)
+    val_x, val_y = features(accelerator, model, cfg, val)
+    head = copy.deepcopy(model.get_classifier()).cpu().requires_grad_(True)
+    head, rows, beta = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg)
+    steps = sum(math.ceil((len(train_y) + r["generated"]) / cfg.optim.batch_size) for r in rows)
+    selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
+                 "tail_beta": [round(b, 4) for b in beta.tolist()]}
+    return head, selection, rows, {"epochs": cfg.optim.epochs, "steps": steps,
+                                   "images_seen": len(train) + len(val)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class SecondStage:
+    """One second stage: `trainable` makes the head what the method trains and returns the module to
+    optimise, or `solve` computes the head from features -> (head, selection, log rows, budget); `export`
+    turns the trained model into a plain classifier; `shift_bn` keeps BatchNorm in training mode;
+    `linear_head`: needs a stage-1 linear head; `needs_val`: uses a held-out val split."""
+
+    summary: str
+    trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
+    solve: Callable[..., tuple[nn.Module, dict, list, dict]] | None = None
+    export: Callable[[nn.Module], nn.Module] = lambda m: m
+    shift_bn: bool = False
+    linear_head: bool = False
+    needs_val: bool = False
+
+
+STAGES2: dict[str, SecondStage] = {
+    "crt": SecondStage("classifier re-initialised and re-trained", trainable=new_head),
+    "lws": SecondStage("per-class scales of the stage-1 head learned", trainable=learned_scales,
+                       export=fold_scales, linear_head=True),
+    "mislas": SecondStage("stage-1 head re-trained, label-aware smoothing, shifted BN", trainable=stage1_head,
+                          shift_bn=True),
+    "tau_norm": SecondStage("stage-1 head rescaled w / ||w||^tau, tau chosen on val", solve=tau_norm,
+                            linear_head=True, needs_val=True),
+    "ncm": SecondStage("nearest class mean of normalised features (cosine head)", solve=ncm),
+    "afg": SecondStage("GLAG: stage-1 head re-trained on real + generated (calibrated Gaussian) features, "
+                       "KD on head classes", solve=afg, linear_head=True, needs_val=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
+    if cfg.stage2 not in STAGES2:
+        raise config_lib.ConfigError(f"--stage2: no second stage '{cfg.stage2}'; choose one of {', '.join(STAGES2)}"
+                                     + ("" if cfg.stage2 else " (with --init_classifier)"))
+    if not cfg.init_classifier:
+        raise config_lib.ConfigError(f"--stage2 {cfg.stage2}: needs --init_classifier <stage-1 run>/classifier.safetensors")
+    if cfg.pretrained or cfg.from_scratch:
+        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
+                                     f"--pretrained / --from_scratch")
+    stage = STAGES2[cfg.stage2]
+    if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
+        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
+                                     f"got {cfg.optim.layer_decay}")
+    return stage
+
+
+def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, num_classes: int,
+                 counts: np.ndarray) -> None:
+    """The stage-1 file must fit this stage's data: its classes, resolution, backbone and val carve."""
+    path, d, arch = cfg.init_classifier, cfg.data, meta.get("arch", {})
+    if model.num_classes != num_classes:
+        raise config_lib.ConfigError(f"--init_classifier {path}: {model.num_classes} classes, the data {num_classes}")
+    for key, mine, theirs in (("data.img_size", d.img_size, arch.get("img_size")),
+                              ("model.name", cfg.model.name, arch.get("name"))):
+        if theirs is not None and mine != theirs:
+            raise config_lib.ConfigError(f"--init_classifier {path} has {key.split('.')[1]} {theirs}, this stage "
+                                         f"--{key} {mine}; give the stage-1 value")
+    finetune.check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
+    carved = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0)
+    if meta.get("dataset") == d.dataset and carved != d.val_from_train:
+        raise config_lib.ConfigError(
+            f"--init_classifier {path} was trained with data.val_from_train {carved}, this stage has "
+            f"{d.val_from_train}: the val split would overlap stage 1's training images; run both stages with "
+            f"the same --data.val_from_train")
+    if STAGES2[cfg.stage2].linear_head and not isinstance(model.get_classifier(), nn.Linear):
+        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} needs a linear stage-1 head; {path} has a "
+                                     f"{type(model.get_classifier()).__name__}")
+
+
+def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: nn.Module, train,
+                  counts: np.ndarray) -> engine.Trainer:
+    """The Trainer of a trained second stage: `model`'s backbone frozen, its head set up by the method,
+    the recipe's loss on augmented training images through the backbone."""
+    stage = STAGES2[cfg.stage2]
+    model.requires_grad_(False)
+    optimize = stage.trainable(model, cfg)
+    criterion = build_loss(cfg.loss.name, counts, **finetune.loss_options(cfg.loss))
+    targets = finetune.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
+
+    def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:
+        images, target = targets(images, labels)
+        return criterion(net(images), target, trainer.plan.progress(step))
+
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, stage.shift_bn),
+                             finetune.train_data(cfg, train, accelerator.device),
+                             train.targets, train.num_classes, forward, optimize=optimize)
+    return trainer
+
+
+def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
+    """The second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module docstring)."""
+    stage = check_request(cfg)
+    accelerator, run_dir = engine.start(cfg, "finetune")
+    d = cfg.data
+    train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))
+    counts = class_counts(train.targets, train.num_classes)
+    accelerator.print(describe(counts, train.name))
+    model, meta1 = load_classifier(cfg.init_classifier)
+    check_stage1(model, meta1, cfg, train.num_classes, counts)
+    n_bn = len(batchnorms(model)) if stage.shift_bn else 0
+    if stage.shift_bn:
+        accelerator.print(f"shifted BN: re-estimating the statistics of {n_bn} BatchNorm layers" if n_bn else
+                          "shifted BN: the backbone has no BatchNorm layer (a ViT's LayerNorm keeps no "
+                          "statistics), so nothing is re-estimated")
+    info = {"stage2": {"name": cfg.stage2, "summary": stage.summary, "init_classifier": cfg.init_classifier,
+                       "stage1_method": meta1.get("config", {}).get("method") or None,
+                       **({"shifted_bn_layers": n_bn} if stage.shift_bn else {})}}
+    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
+                class_names=train.class_names)
+    if stage.solve is not None:
+        return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
+
+    rule, val_split = finetune.selection_rule(cfg, val, test)
+    accelerator.print(f"reported epoch: {rule} (val: {val_split})")
+    trainer = build_trainer(cfg, accelerator, run_dir, model, train, counts)
+    finetune.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
+                            val, test, counts, meta, export=stage.export, info=info)
+    return run_dir
+
+
+def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, accelerator, run_dir: Path,
+                     model: nn.Module, train, val, test, counts: np.ndarray, meta: dict[str, Any],
+                     info: dict[str, Any]) -> Path:
+    """A second stage without training: the head from features, saved and evaluated on test once."""
+    held = heldout_val(val, test)
+    if stage.needs_val and not held:
+        raise config_lib.ConfigError(
+            f"--stage2 {cfg.stage2} uses a held-out val split; the val split of '{cfg.data.dataset}' is its "
+            f"test split: run both stages with --data.val_from_train 0.1")
+    engine.write_config(cfg, run_dir, accelerator)
+    model.to(accelerator.device)
+    t0 = time.perf_counter()
+    head, selection, rows, budget = stage.solve(accelerator, model, cfg, train, val)
+    seconds = time.perf_counter() - t0
+    set_head(model, head.to(accelerator.device))
+    log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    if accelerator.is_main_process:  # recomputed whole (no training state): replace an earlier attempt's rows
+        log.path.unlink(missing_ok=True)
+    for row in rows:
+        log.write(**row)
+    if accelerator.is_main_process:
+        save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
+    accelerator.wait_for_everyone()
+    _, val_split = finetune.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
+    results = finetune.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name)
+    results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
+                            "select": cfg.select}
+    results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
+    results.update(info)
+    finetune.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
+    accelerator.end_training()
+    return run_dir
