@@ -3,7 +3,7 @@
 YAML front matter (library_name, tags, datasets, metrics, pipeline_tag), then: the model, the data, the
 method, a config summary (every non-default key and the layer that set it), the results table with
 the selection rule and budget, the figures, how to load the weights (timm and livt) and provenance.
-Written after the results files (`livt.finetune.report`), so a run folder can be shared as it is.
+Written after the results files (`livt.tuning.report`), so a run folder can be shared as it is.
 """
 
 from __future__ import annotations

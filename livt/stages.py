@@ -12,7 +12,7 @@ and every buffer: the backbone runs in eval mode, so dropout and drop path are o
 statistics stay, except under MiSLAS's shifted BN. Trained methods run the Trainer of ordinary
 fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
 and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
-results files of `livt.finetune`, with a `stage2` entry saying what was changed.
+results files of `livt.tuning`, with a `stage2` entry saying what was changed.
 
 `STAGES2` (each recipe configs/methods/<name>.yaml names its stage 1 in `about.stage1`):
     crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livt import config as config_lib
-from livt import engine, finetune
+from livt import engine, tuning
 from livt.checkpoint import arch_of, load_classifier, save_model
 from livt.data import build_dataset, heldout_val
 from livt.data.loading import Augmented
@@ -301,7 +301,7 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
         if theirs is not None and mine != theirs:
             raise config_lib.ConfigError(f"--init_classifier {path} has {key.split('.')[1]} {theirs}, this stage "
                                          f"--{key} {mine}; give the stage-1 value")
-    finetune.check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
+    tuning.check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
     carved = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0)
     if meta.get("dataset") == d.dataset and carved != d.val_from_train:
         raise config_lib.ConfigError(
@@ -320,15 +320,15 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     stage = STAGES2[cfg.stage2]
     model.requires_grad_(False)
     optimize = stage.trainable(model, cfg)
-    criterion = build_loss(cfg.loss.name, counts, **finetune.loss_options(cfg.loss))
-    targets = finetune.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
+    criterion = build_loss(cfg.loss.name, counts, **tuning.loss_options(cfg.loss))
+    targets = tuning.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
     def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:
         images, target = targets(images, labels)
         return criterion(net(images), target, trainer.plan.progress(step))
 
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, stage.shift_bn),
-                             finetune.train_data(cfg, train, accelerator.device),
+                             tuning.train_data(cfg, train, accelerator.device),
                              train.targets, train.num_classes, forward, optimize=optimize)
     return trainer
 
@@ -356,10 +356,10 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     if stage.solve is not None:
         return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
 
-    rule, val_split = finetune.selection_rule(cfg, val, test)
+    rule, val_split = tuning.selection_rule(cfg, val, test)
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
     trainer = build_trainer(cfg, accelerator, run_dir, model, train, counts)
-    finetune.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
+    tuning.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
                             val, test, counts, meta, export=stage.export, info=info)
     return run_dir
 
@@ -387,12 +387,12 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     if accelerator.is_main_process:
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
-    _, val_split = finetune.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    results = finetune.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name)
+    _, val_split = tuning.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
+    results = tuning.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name)
     results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
                             "select": cfg.select}
     results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
     results.update(info)
-    finetune.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
+    tuning.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
     accelerator.end_training()
     return run_dir
