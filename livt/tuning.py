@@ -197,7 +197,13 @@ def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]
             f"--select best_val: the val split of '{cfg.data.dataset}' is its test split ({val.source}), so the "
             f"reported epoch would be chosen on the test set; use --select last, or carve a val split from "
             f"train with --data.val_from_train 0.1")
-    return ("best_val" if held and cfg.select != "last" else "last"), what
+    rule = "best_val" if held and cfg.select != "last" else "last"
+    if rule == "best_val" and len(val) == 0:
+        raise config_lib.ConfigError(
+            f"the val split of '{cfg.data.dataset}' ({val.name}) is empty, so no epoch can be selected on it "
+            f"(synthetic: data.test_per_class gives val a fifth of it; a carve needs classes of 2+ images); "
+            f"enlarge it or use --select last")
+    return rule, what
 
 
 def build_model(cfg: config_lib.FinetuneConfig, num_classes: int) -> torch.nn.Module:

@@ -86,6 +86,13 @@ def test_heldout_val_selects_on_val_and_records_the_epoch(tmp_path):
     assert saved["provenance"]["versions"] == prov["versions"] and saved["config_hash"] == results["config_hash"]
 
 
+def test_an_empty_val_split_is_refused_up_front(tmp_path):
+    with pytest.raises(c.ConfigError, match="val split .* is empty.*--select last"):
+        finetune.main(["--data", "tiny", "--from_scratch", "--data.test_per_class", "4",
+                       "--output_dir", str(tmp_path), "--run_name", "noval"])
+    assert not (tmp_path / "noval" / "state").exists()
+
+
 def test_carved_val_is_stratified_keeps_every_class_and_changes_the_loss_counts():
     targets = np.repeat(np.arange(4), [50, 10, 2, 1])
     train, val = carve_val(targets, 4, 0.1, seed=0)
