@@ -31,6 +31,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -191,6 +192,9 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
     """Run the pending jobs, dependencies first, at most `n_parallel` at once; one line per event."""
     commit = current_commit()
     logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if n_parallel > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
     for job in jobs.values():
         done_file = Path(job.key) / ("encoder.safetensors" if job.stage == "pretrain" else "test_results.json")
         if done_file.is_file():
@@ -230,7 +234,8 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
                 with open(job.log, "w") as f:
                     f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
                     f.flush()
-                    job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=env)
                 job.status, job.started = "running", time.perf_counter()
                 say(f"running  {Path(job.key).name} ({job.stage})")
         if not any(j.status in ("pending", "running") for j in jobs.values()):
@@ -400,8 +405,6 @@ def machine() -> str:
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}"
     if not torch.cuda.is_available():
-        import os
-
         dev += f", {os.cpu_count()} cores)"
     return f"{platform.node()}: {dev}, torch {torch.__version__}"
 
@@ -429,7 +432,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data", default="demo", help="dataset preset (configs/finetune/NAME.yaml)")
     p.add_argument("--methods", default="", help="comma-separated method names (METHOD@scratch: ViT from scratch)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (each gets cores / jobs threads; on a small CPU, 1 is fastest)")
     p.add_argument("--epochs", type=int, default=0, help="force this many fine-tuning epochs on every run")
     p.add_argument("--pretrained", default="", help="ViT encoder file, or 'mgp' to pretrain first ('' = scratch)")
     p.add_argument("--pretrain-args", default="", help="extra pretraining options, e.g. '--optim.epochs 50'")
