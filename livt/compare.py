@@ -403,9 +403,10 @@ def write_csv(table: list[dict[str, Any]], path: Path) -> None:
 def machine() -> str:
     import torch
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}"
-    if not torch.cuda.is_available():
-        dev += f", {os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:
+        dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return f"{platform.node()}: {dev}, torch {torch.__version__}"
 
 
