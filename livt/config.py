@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+
 def _config_dir() -> Path:
     """`configs/` of a checkout (or editable install), else the copy packaged inside an installed wheel."""
     here = Path(__file__).resolve().parent

@@ -15,7 +15,6 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
 

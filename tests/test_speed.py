@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from livt.config import AugConfig, ConfigError, OptimConfig
-from livt.data.device import OnDevice, check_finetune_aug, rrc_boxes, resized_crops, uniforms
+from livt.data.device import OnDevice, check_finetune_aug, resized_crops, rrc_boxes, uniforms
 from livt.data.errors import DataError
 from livt.data.splits import ArrayDataset
 from livt.optim import build_optimizer

@@ -52,8 +52,8 @@ from livt.losses.balanced import (
 from livt.losses.core import Counts, cb_weights, counts64, inverse_frequency_weights, prior
 from livt.losses.margin import cdt, cdt_temperatures, ldam, ldam_margins
 from livt.losses.modules import reslt, sade
-from livt.losses.smoothing import label_aware_smoothing, las_epsilons
 from livt.losses.reweighted import cb_bce, cb_ce, cb_focal, focal, ib, seql, weighted_ce
+from livt.losses.smoothing import label_aware_smoothing, las_epsilons
 
 
 def ce(logits: Tensor, targets: Tensor) -> Tensor:
