@@ -105,7 +105,8 @@ class Planner:
         if balanced:
             argv += ["--data.balanced", "true"]
         cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
-        if not (cfg.from_scratch or cfg.pretrained or getattr(cfg, "init_classifier", "")):
+        if not (cfg.from_scratch or cfg.pretrained or cfg.init_classifier or cfg.stage2):  # a second stage
+            # starts from its stage 1's classifier (--init_classifier, added by `row`), nothing else
             if is_cnn(cfg) or scratch or self.encoder is None:
                 argv += ["--from_scratch"]
             else:

@@ -14,7 +14,7 @@ def comparison(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cmp")
     crash = tmp / "crash.yaml"  # resolves fine, fails inside its run: batch 24 is not a multiple of 16
     crash.write_text("about: {family: test, paper: none, summary: crashes}\noptim: {batch_size: 24}\n")
-    argv = ["--data", "tiny", "--methods", f"ce,bal_ce,bal_bce,nope,{crash}", "--seeds", "0", "--epochs", "1",
+    argv = ["--data", "tiny", "--methods", f"ce,bal_ce,bal_bce,crt,nope,{crash}", "--seeds", "0", "--epochs", "1",
             "--jobs", "2", "--output_dir", str(tmp / "runs"), "--out", str(tmp / "table")]
     out = compare.main(argv)
     return tmp, argv, out
@@ -23,7 +23,7 @@ def comparison(tmp_path_factory):
 def test_table_equals_the_runs_own_results(comparison, capsys):
     tmp, _, out = comparison
     table = {e["method"]: e for e in json.loads((out / "comparison.json").read_text())}
-    assert set(table) == {"ce", "bal_ce", "bal_bce", "nope", str(tmp / "crash.yaml")}
+    assert set(table) == {"ce", "bal_ce", "bal_bce", "crt", "nope", str(tmp / "crash.yaml")}
     for name in ("ce", "bal_ce", "bal_bce"):
         e = table[name]
         (run_dir,) = e["run_dirs"]
@@ -38,6 +38,12 @@ def test_table_equals_the_runs_own_results(comparison, capsys):
     md = (out / "comparison.md").read_text()
     rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in md.splitlines() if line.startswith("| ")}
     assert f"{table['bal_ce']['top1']:.1f}" in rows["bal_ce"]
+    # a second stage starts from its stage 1's classifier (the `ce` row's run, shared) and counts its budget
+    crt = table["crt"]
+    (crt_dir,) = crt["run_dirs"]
+    crt_own = json.loads((Path(crt_dir) / "test_results.json").read_text())
+    assert crt_own["stage2"]["init_classifier"] == str(Path(table["ce"]["run_dirs"][0]) / "classifier.safetensors")
+    assert crt["top1"] == crt_own["top1"] and crt["epochs"] == 2  # 1 stage-1 + 1 stage-2 epoch
     # the failures are named with their errors, and did not stop the others
     assert table["nope"]["n_failed"] == 1 and "no method 'nope'" in table["nope"]["errors"][0]
     crashed = table[str(tmp / "crash.yaml")]
@@ -52,12 +58,12 @@ def test_table_equals_the_runs_own_results(comparison, capsys):
 def test_second_call_reuses_every_finished_run(comparison, capsys):
     tmp, argv, out = comparison
     before = {p: p.stat().st_mtime_ns for p in (tmp / "runs").glob("*/test_results.json")}
-    assert len(before) == 3
+    assert len(before) == 4
     capsys.readouterr()
     compare.main(argv)
     printed = capsys.readouterr().out
     events = [line.split()[0] for line in printed.splitlines() if line.split()]
-    assert events.count("reused") == 3 and events.count("running") == 1  # only the crashing one runs again
+    assert events.count("reused") == 4 and events.count("running") == 1  # only the crashing one runs again
     assert {p: p.stat().st_mtime_ns for p in (tmp / "runs").glob("*/test_results.json")} == before
     assert (out / "comparison.md").is_file()
 
