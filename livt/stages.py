@@ -388,7 +388,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
     _, val_split = tuning.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    results = tuning.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name)
+    results = tuning.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, final=True)
     results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
                             "select": cfg.select}
     results["budget"] = {**budget, "train_seconds": round(seconds, 1)}

@@ -131,14 +131,14 @@ def predict_split(accelerator, model, cfg, dataset) -> tuple[torch.Tensor, torch
 
 def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str,
                    posthoc: tuple[float, str] | None = None, final: bool = False) -> dict:
-    """Metrics of `dataset`; with cfg.test_prior_imbalance, `results['shifted']` holds the rows of the
-    forward / backward long-tailed test sets built from it, raw and post-hoc adjusted to their prior;
-    with `posthoc` = (tau, how it was chosen), `results['posthoc']` the metrics of z - tau log pi; with
-    cfg.tta_aggregate and `final` (the test split, once), `results['transductive']` and transductive
-    shifted rows (livt.aggregate)."""
+    """Metrics of `dataset`; with `posthoc` = (tau, how it was chosen), `results['posthoc']` the metrics of
+    z - tau log pi. `final` marks the one evaluation of the test split that is reported; only it adds,
+    with cfg.test_prior_imbalance, `results['shifted']` (the rows of the forward / backward long-tailed
+    test sets built from it, raw and post-hoc adjusted to their prior) and, with cfg.tta_aggregate,
+    `results['transductive']` and transductive shifted rows (livt.aggregate)."""
     logits, labels = predict_split(accelerator, model, cfg, dataset)
     results = evaluate_logits(logits, labels, counts, dataset.class_names)
-    if cfg.test_prior_imbalance:
+    if cfg.test_prior_imbalance and final:  # the val passes of training never report these rows
         results["shifted"] = shifted_prior_rows(logits, labels, counts, cfg.test_prior_imbalance,
                                                 trained_with, cfg.seed)
     if cfg.tta_aggregate and final:  # transductive rows beside the inductive ones (livt.aggregate)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from livt.losses import balanced, margin, reweighted, smoothing
+from livt.losses import balanced, margin, modules, reweighted, smoothing
 from livt.losses.balanced import (
     BIAS_VARIANTS,
     bal_bce,
@@ -92,7 +92,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 # copies the tables to each device once rather than every step. The public function is the kernel
 # applied to its tables.
 TABLES: dict[str, tuple[Callable[..., dict[str, Tensor]], Callable[..., Tensor]]] = {
-    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES, **smoothing.TABLES}
+    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES, **smoothing.TABLES, **modules.TABLES}
 
 INPUTS = ("targets", "class_counts", "progress")  # what the loop supplies besides the model outputs
 
