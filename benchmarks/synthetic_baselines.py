@@ -111,9 +111,12 @@ def main() -> None:
     ap.add_argument("--sets", default="bal500,lt100,bal_same")
     ap.add_argument("--num_classes", type=int, default=10)
     ap.add_argument("--max_per_class", type=int, default=500)
+    ap.add_argument("--imbalance", type=float, default=100.0)
+    ap.add_argument("--clutter", type=float, default=1.0, help="data.clutter (the demo preset: 0)")
     args = ap.parse_args()
 
-    base = DataConfig(dataset="synthetic", num_classes=args.num_classes, max_per_class=args.max_per_class)
+    base = DataConfig(dataset="synthetic", num_classes=args.num_classes, max_per_class=args.max_per_class,
+                      imbalance=args.imbalance, clutter=args.clutter)
     t = time.time()
     sets = {
         "bal500": build_dataset(replace(base, imbalance=1.0), "train"),

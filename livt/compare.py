@@ -15,8 +15,8 @@ are shared between methods. ViT methods start from `--pretrained` (an encoder fi
 dataset's MGP pretraining first, once) or from scratch; CNN methods always from scratch; `METHOD@scratch`
 forces a ViT method from scratch (the random-initialisation baseline).
 
-Budget: each method runs its own recipe (as the papers compare them); `--epochs N` forces N fine-tuning
-epochs on every run; the table always shows what each row spent (epochs, images seen, training time).
+Budget: each method runs its own recipe (as the papers compare them); `--epochs N` compresses every run's
+schedule to N fine-tuning epochs (warm-up and step milestones scale with it); the table always shows what each row spent (epochs, images seen, training time).
 With `--relative`, the balanced variant of the same data (`--data.balanced true`, same size) is also run
 for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
 A_r = A_t / max(A_v, A_b).
@@ -100,10 +100,10 @@ class Planner:
     def finetune_argv(self, method: str, seed: int, balanced: bool, scratch: bool) -> list[str]:
         argv = ["--data", self.args.data, "--method", method, "--seed", str(seed),
                 "--output_dir", self.args.output_dir, *self.shared]
-        if self.args.epochs:
-            argv += ["--optim.epochs", str(self.args.epochs)]
         if balanced:
             argv += ["--data.balanced", "true"]
+        if self.args.epochs:
+            argv += compressed_schedule(config_lib.parse_args("finetune", argv).optim, self.args.epochs)
         cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
         if not (cfg.from_scratch or cfg.pretrained or cfg.init_classifier or cfg.stage2):  # a second stage
             # starts from its stage 1's classifier (--init_classifier, added by `row`), nothing else
@@ -150,6 +150,16 @@ class Planner:
         except (config_lib.ConfigError, ValueError, RuntimeError, OSError) as e:
             row.error = str(e).splitlines()[0][:300]
         return row
+
+
+def compressed_schedule(optim: config_lib.OptimConfig, epochs: int) -> list[str]:
+    """Overrides that fit a recipe's schedule into `epochs`: warm-up and step milestones scale with it
+    (loss schedules such as DRW and IB are fractions of training already)."""
+    f = epochs / optim.epochs
+    argv = ["--optim.epochs", str(epochs), "--optim.warmup_epochs", f"{optim.warmup_epochs * f:g}"]
+    if optim.schedule == "step":
+        argv += ["--optim.step_epochs", ",".join(str(max(1, round(e * f))) for e in optim.step_epochs)]
+    return argv
 
 
 def flag_groups(tokens: list[str]) -> list[list[str]]:
@@ -436,7 +446,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once (each gets cores / jobs threads; on a small CPU, 1 is fastest)")
-    p.add_argument("--epochs", type=int, default=0, help="force this many fine-tuning epochs on every run")
+    p.add_argument("--epochs", type=int, default=0, help="compress every run's schedule to this many fine-tuning epochs")
     p.add_argument("--pretrained", default="", help="ViT encoder file, or 'mgp' to pretrain first ('' = scratch)")
     p.add_argument("--pretrain-args", default="", help="extra pretraining options, e.g. '--optim.epochs 50'")
     p.add_argument("--relative", action="store_true", help="also run the balanced data; report A_r")

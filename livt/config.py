@@ -85,6 +85,12 @@ class DataConfig:
     """images of the largest class (synthetic)"""
     test_per_class: int = 100
     """test images per class (synthetic; val gets a fifth of it)"""
+    stored_size: int = 0
+    """in-memory sets (CIFAR, npz, synthetic): resize every split once at load to this square size (antialiased;
+    0 = as stored), e.g. 16 to study CIFAR at a CPU budget; set data.img_size to match"""
+    clutter: float = 1.0
+    """synthetic: scale of the background grating, the background noise and the distractor probability (1 = the
+    standard set, 0 = the object alone on a plain random background)"""
     balanced: bool = False
     """use the balanced variant of the same size (relative accuracy; CIFAR-LT and synthetic)"""
     per_class: int = 116

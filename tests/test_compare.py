@@ -72,3 +72,12 @@ def test_list_shows_family_and_paper(capsys):
     compare.main(["--list"])
     text = capsys.readouterr().out
     assert "| bal_bce | logit adjustment (binary) | Xu et al." in text
+
+
+def test_forced_epochs_compress_the_recipe_schedule():
+    from livt import config as config_lib
+    cnn = config_lib.parse_args("finetune", ["--data", "cifar10_lt", "--method", "resnet_ce"]).optim
+    assert compare.compressed_schedule(cnn, 20) == [
+        "--optim.epochs", "20", "--optim.warmup_epochs", "0.5", "--optim.step_epochs", "16,18"]
+    vit = config_lib.parse_args("finetune", ["--data", "cifar10_lt", "--method", "bal_bce"]).optim
+    assert compare.compressed_schedule(vit, 10) == ["--optim.epochs", "10", "--optim.warmup_epochs", "1"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from livt.config import ConfigError, DataConfig, update
 from livt.data.cifar import build_cifar, build_npz
@@ -60,11 +61,30 @@ def build_dataset(cfg: DataConfig, split: str) -> LTDataset:
     if cfg.dataset not in BUILDERS:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(BUILDERS)}")
     if cfg.val_from_train and split in ("train", "val"):
-        full = BUILDERS[cfg.dataset](cfg, "train")
+        full = _build(cfg, "train")
         train_idx, val_idx = carve_val(full.targets, full.num_classes, cfg.val_from_train, cfg.subset_seed)
         part = {"train": train_idx, "val": val_idx}[split]
         return SubsetDataset(full, part, f"{full.name} ({'val carved from train' if split == 'val' else 'rest'})")
-    return BUILDERS[cfg.dataset](cfg, split)
+    return _build(cfg, split)
+
+
+def _build(cfg: DataConfig, split: str) -> LTDataset:
+    ds = BUILDERS[cfg.dataset](cfg, split)
+    return stored_at(ds, cfg.stored_size) if cfg.stored_size else ds
+
+
+def stored_at(ds: LTDataset, size: int) -> ArrayDataset:
+    """`data.stored_size`: the in-memory set `ds` with every image resized once to size x size (Pillow
+    bicubic, antialiased), the same dataset at a lower resolution (e.g. CIFAR at 16 px for a CPU budget)."""
+    if not isinstance(ds, ArrayDataset):
+        raise DataError(f"{ds.name}: data.stored_size resizes in-memory sets (CIFAR, npz, synthetic) only; "
+                        f"set it to 0 for this dataset and use data.img_size")
+    if ds.images.shape[1:3] == (size, size):
+        return ds
+    images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in ds.images])
+    out = ArrayDataset(images, ds.targets, ds.class_names, ds.name)
+    out.source = ds.source
+    return out
 
 
 def heldout_val(val: LTDataset, test: LTDataset) -> bool:

@@ -142,14 +142,14 @@ def _contrasting(base: np.ndarray, u: np.ndarray) -> np.ndarray:
 N_UNIFORMS = 14 + 2 * 9 + MAX_PARTS * 7  # columns of the per-image parameter matrix
 
 
-def _draw_layers(classes: np.ndarray, u: np.ndarray, table: ClassTable, size: int):
+def _draw_layers(classes: np.ndarray, u: np.ndarray, table: ClassTable, size: int, clutter: float = 1.0):
     """Turn the per-image uniforms into background and drawing layers (distractors first)."""
     n = len(classes)
     cols = iter(range(u.shape[1]))
     col = lambda: u[:, next(cols)]
     bg = np.stack([col(), col(), col()], 1)
     bg2 = np.stack([col(), col(), col()], 1)
-    grating = dict(angle=col() * np.pi, freq=0.15 + 0.35 * col(), phase=col() * 2 * np.pi, amp=0.25 * col())
+    grating = dict(angle=col() * np.pi, freq=0.15 + 0.35 * col(), phase=col() * 2 * np.pi, amp=0.25 * clutter * col())
     centre = (np.stack([col(), col()], 1) - 0.5) * 2 * TRANSLATION * size
     theta = (col() - 0.5) * 2 * ROTATION
     scale = 0.8 + 0.4 * col()
@@ -158,7 +158,7 @@ def _draw_layers(classes: np.ndarray, u: np.ndarray, table: ClassTable, size: in
     layers = []
     for _ in range(2):  # distractors: any primitive, anywhere, under the object
         d = _Layer(n)
-        present = col() < DISTRACTOR_PROB
+        present = col() < DISTRACTOR_PROB * clutter
         kind = np.minimum((col() * len(PRIMITIVES)).astype(np.int64), len(PRIMITIVES) - 1)
         d.kind = np.where(present, kind, -1)
         d.centre = (np.stack([col(), col()], 1) - 0.5) * 0.9 * size
@@ -182,11 +182,12 @@ def _draw_layers(classes: np.ndarray, u: np.ndarray, table: ClassTable, size: in
 
 
 def render_batch(classes: np.ndarray, u: np.ndarray, grid: np.ndarray, noise: np.ndarray,
-                 table: ClassTable, size: int) -> np.ndarray:
+                 table: ClassTable, size: int, clutter: float = 1.0) -> np.ndarray:
     """Images (n, size, size, 3) uint8 of `classes`, from uniforms u (n, N_UNIFORMS), standard-normal
-    background fields grid (n, GRID, GRID, 3) and pixel noise (n, size, size, 3)."""
+    background fields grid (n, GRID, GRID, 3) and pixel noise (n, size, size, 3); `clutter` scales the
+    background grating and noise and the distractor probability (1 = the standard set)."""
     n = len(classes)
-    bg, bg2, g, layers = _draw_layers(classes, u, table, size)
+    bg, bg2, g, layers = _draw_layers(classes, u, table, size, clutter)
     ax = np.arange(size, dtype=np.float32) - (size - 1) / 2
     y, x = np.meshgrid(ax, ax, indexing="ij")  # (S, S) pixel centres
 
@@ -197,7 +198,7 @@ def render_batch(classes: np.ndarray, u: np.ndarray, grid: np.ndarray, noise: np
     img = (bg[:, None, None] * (1 - mix) + bg2[:, None, None] * mix).astype(np.float32)
     field = F.interpolate(torch.from_numpy(grid.astype(np.float32)).permute(0, 3, 1, 2), size=(size, size),
                           mode="bicubic", align_corners=False).permute(0, 2, 3, 1).numpy()
-    img += 0.06 * field
+    img += 0.06 * clutter * field
 
     for layer in layers:
         alpha = np.zeros((n, size, size), dtype=np.float32)
@@ -259,7 +260,7 @@ class SyntheticLT(ArrayDataset):
             labels.append(np.full(n, c, dtype=np.int64))
         labels = np.concatenate(labels)
         images = render_batch(labels, np.concatenate(u), np.concatenate(grid), np.concatenate(noise),
-                              self.table, cfg.img_size)
+                              self.table, cfg.img_size, cfg.clutter)
         width = len(str(cfg.num_classes - 1))
         names = [f"class_{c:0{max(width, 2)}d}" for c in range(cfg.num_classes)]
         super().__init__(images, labels, names, f"synthetic_{split}")
