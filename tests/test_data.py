@@ -412,3 +412,28 @@ def test_loader_workers_match_main_process(small_synthetic):
     assert torch.equal(torch.get_rng_state(), state)  # iterating does not consume the global RNG
     assert torch.equal(torch.cat([b[0] for b in batches]), serial)
     assert torch.cat([b[2] for b in batches]).tolist() == list(range(len(small_synthetic)))
+
+
+def test_stored_size_resizes_every_split_once(tree):
+    cfg = DataConfig(dataset="synthetic", num_classes=4, max_per_class=12, imbalance=3, test_per_class=5)
+    full, small = build_dataset(cfg, "test"), build_dataset(replace(cfg, stored_size=16), "test")
+    assert small.images.shape == (20, 16, 16, 3) and np.array_equal(small.targets, full.targets)
+    assert small.source == full.source
+    want = np.asarray(Image.fromarray(full.images[3]).resize((16, 16), Image.BICUBIC))
+    assert np.array_equal(small.images[3], want)
+    carved = build_dataset(replace(cfg, stored_size=16, val_from_train=0.2), "val")  # resized before carving
+    assert carved.load(0)[0].size == (16, 16)
+    with pytest.raises(DataError, match="stored_size resizes in-memory sets"):
+        build_dataset(replace(tree[0], stored_size=16), "train")  # a split-file set of JPEG files
+
+
+def test_clutter_scales_the_background_only():
+    from livt.data.synthetic import GRID, N_UNIFORMS, ClassTable, render_batch
+    cfg = DataConfig(dataset="synthetic", num_classes=4, max_per_class=8, imbalance=1, test_per_class=40)
+    assert np.array_equal(build_dataset(cfg, "test").images, build_dataset(replace(cfg, clutter=1.0), "test").images)
+    rng = np.random.default_rng(0)
+    classes, u, grid = rng.integers(0, 4, 200), rng.random((200, N_UNIFORMS)), rng.standard_normal((200, GRID, GRID, 3))
+    noiseless = lambda clutter: render_batch(classes, u, grid, np.zeros((200, 32, 32, 3)), ClassTable(4), 32, clutter)
+    corner = lambda x: x[:, :5, :5].astype(float).std(axis=(1, 2)).mean()  # background pixels, mostly
+    plain, standard = noiseless(0.0), noiseless(1.0)
+    assert corner(plain) < 0.2 * corner(standard)  # no grating, colour field or distractors left
