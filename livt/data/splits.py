@@ -88,8 +88,8 @@ class ArrayDataset(LTDataset):
         return Image.fromarray(self.images[index]), int(self.targets[index])
 
 
-# what Pillow (and torchvision's decoder: RuntimeError) raise for a missing, unknown or broken image file
-READ_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
+# what Pillow raises for a missing, unknown or broken image file
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
