@@ -100,15 +100,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--psnr-images", type=int, default=100)
     p.add_argument("--stage", choices=["pretrain", "finetune", "both"], default="both")
-    p.add_argument("--out", type=Path, default=None, help="folder for input_pipeline.md / .json")
+    p.add_argument("--out", type=Path, default=None, help="folder for input_pipeline_<img>px.md / .json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     train = args.root / "train"
     ds = FolderDataset(train, sorted(d.name for d in train.iterdir() if d.is_dir()))
     n = min(args.images, len(ds))
     decoded = predecode(ds, max(n, min(args.psnr_images, len(ds))))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain", "-uno") else "")
     head = (f"{platform.processor() or platform.machine()}, 1 thread | Python {platform.python_version()}, torch "
             f"{torch.__version__}, torchvision {version('torchvision')}, Pillow {version('pillow')}, timm "
             f"{version('timm')} | commit {commit or 'n/a'} | {n} images of {ds.paths[0].stat().st_size // 1024} "
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "input_pipeline.md").write_text(f"{head}\n\n{text}\n")
-        (args.out / "input_pipeline.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
+        name = f"input_pipeline_{args.img}px"
+        (args.out / f"{name}.md").write_text(f"{head}\n\n{text}\n")
+        (args.out / f"{name}.json").write_text(json.dumps({"header": head, "rows": rows}, indent=1))
     return rows
 
 
