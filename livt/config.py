@@ -115,13 +115,13 @@ class DataConfig:
     """hold the training set on the device as uint8 and crop / flip / normalise batches there, no workers
     (in-memory sets: CIFAR, synthetic; fine-tuning needs aug.rand_augment '', aug.reprob 0)"""
     pipeline: str = "pil"
-    """training images (livt.data.transforms.TrainTransform): pil (Pillow decode, the torchvision / timm
-    transforms: the reference) | fast (the same draws and ops; JPEGs decoded into uint8 tensors, the crop
-    resized by torch's Pillow-compatible bicubic: within 1 grey level of pil) | draft (fast + reduced-DCT JPEG
-    decoding where the crop keeps >= img_size pixels a side)"""
+    """training images (livt.data.transforms.TrainTransform; not with on_device): pil (Pillow, the torchvision
+    / timm transforms: the reference, the default, bit for bit the runs made so far) | fast (the same draws
+    and ops; the crop drawn from the file's header, resized by torch's Pillow-compatible bicubic: within one
+    grey level) | draft (fast + reduced-DCT JPEG decoding where the crop keeps >= img_size pixels a side)"""
     uint8_batches: bool = False
     """loader workers hand over uint8 images; normalisation and random erasing run batched on the device (the
-    same erasing boxes, the noise drawn there)"""
+    same erasing boxes, the noise drawn there from (seed, step)); default off, as the noise values change"""
     skip_bad_images: bool = False
     """skip unreadable images (counted and reported at the end) instead of stopping"""
     download: bool = False

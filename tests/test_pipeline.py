@@ -117,9 +117,9 @@ def psnr(ref, out):
     return err[:, kept].double().square().sum().item(), int(kept.sum()) * 3
 
 
-# the PSNR each pipeline keeps to the reference here (160x120 JPEGs at 48 px; measured 67 / 46 dB for MGP,
-# 52 / 37 dB for BFT, whose RandAugment turns one grey level into more: solarize and posterize thresholds,
-# equalize). BENCHMARKS.md states the figures at 500x375 and 224 px.
+# the PSNR each pipeline keeps to the reference here (30 160x120 JPEGs at 48 px; measured 67 / 47 dB for MGP's
+# fast / draft, 68 / 39 dB for BFT's, whose RandAugment can turn one grey level into more: solarize and
+# posterize thresholds, equalize). BENCHMARKS.md states the figures at 500x375 and 224 / 112 px.
 PSNR_DB = {("pretrain", "fast"): 60, ("pretrain", "draft"): 40, ("finetune", "fast"): 45, ("finetune", "draft"): 32}
 
 
