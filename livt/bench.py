@@ -11,7 +11,9 @@ Per stage, in one process, on the same model and loss:
   device and read one step late), eager, then with `--compile` its regional compilation;
 - each again fed by a real input path: `on_device` (a synthetic uint8 set held on the device,
   `data.on_device`) and, with `--jpeg-root` (a `benchmarks/jpeg_tree.py` tree), the DataLoader over
-  JPEG files with the stage's PIL transforms and `--workers` workers; plus each input path alone.
+  JPEG files with `--workers` workers, running the stage's PIL transforms (`jpeg`) or the same transforms
+  as data.pipeline fast + data.uint8_batches run them (`jpeg fast`: uint8 batches normalised and erased on
+  the device, by either step); plus each input path alone (uint8 batches finished on the device).
 MFU is against a dense matmul peak measured in the same run (bf16 on a GPU, fp32 on the CPU), FLOPs
 counted once with torch's FlopCounterMode (forward + backward). Timings are wall-clock over `--steps`
 steps after `--warmup`, with one device sync at each end; peak memory is CUDA's allocator peak.
@@ -40,7 +42,7 @@ from livt.data import build_dataset
 from livt.data.device import OnDevice
 from livt.data.loading import Augmented, make_loader
 from livt.data.samplers import TrainSampler
-from livt.data.transforms import PRETRAIN_SCALE, finetune_transform, pretrain_transform
+from livt.data.transforms import PRETRAIN_SCALE, finetune_transform, finish_batch, pretrain_transform
 from livt.finetune import TargetMaker, loss_options
 from livt.losses import build_loss
 from livt.models import WithOutputs, build_classifier
@@ -130,10 +132,13 @@ class ReferenceStep:
                                      betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, fused=False)
         self.fp16 = device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
+        self.mean, self.std = cfg.data.mean, cfg.data.std
 
     def __call__(self, batches: Iterator[Batch]) -> None:
         images, labels, indices, _ = next(batches)
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # the `jpeg fast` input
+            images = finish_batch(images, self.mean, self.std, self.step)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
             loss = self.forward(self.net, images, labels, indices, self.step)
         self.scaler.scale(loss).backward()
@@ -203,12 +208,17 @@ def input_paths(stage: str, cfg: Any, args: argparse.Namespace,
                                         cfg.aug.color_jitter, cfg.aug.crop_scale))
         paths[f"jpeg x{args.workers} workers"] = lambda: endless(
             Augmented(jpegs, transform, cfg.seed), jpegs.targets, args.workers)
+        paths[f"jpeg fast x{args.workers} workers"] = lambda: endless(
+            Augmented(jpegs, transform, cfg.seed).with_pipeline("fast", uint8=True), jpegs.targets, args.workers)
     return paths
 
 
-def loader_alone(batches: Iterator[Batch], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def loader_alone(batches: Iterator[Batch], args: argparse.Namespace, device: torch.device,
+                 cfg: Any) -> dict[str, float]:
     def step(it: Iterator[Batch]) -> None:
-        next(it)[0].to(device, non_blocking=True)
+        images = next(it)[0].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            finish_batch(images, cfg.data.mean, cfg.data.std)
     return measure(step, batches, args, device)
 
 
@@ -243,7 +253,7 @@ def bench_stage(stage: str, args: argparse.Namespace, accelerator: Any, device: 
         del trainer
         gc.collect()
     for name, make in paths.items():
-        add("none", f"{name} (input alone)", loader_alone(make(), args, device))
+        add("none", f"{name} (input alone)", loader_alone(make(), args, device, cfg))
     base = rows[0]["images_per_s"]
     for r in rows:
         r["x_reference"] = r["images_per_s"] / base
@@ -251,7 +261,8 @@ def bench_stage(stage: str, args: argparse.Namespace, accelerator: Any, device: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| step | input | images/s | step ms | MFU | peak mem GiB | x reference |", "|---|---|---|---|---|---|---|"]
+    lines = ["| step | input | images/s | step ms | MFU | peak mem GiB | x reference |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
@@ -275,7 +286,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time livt's step with regional torch.compile")
     p.add_argument("--jpeg-root", type=Path, default=None, help="a benchmarks/jpeg_tree.py tree for the JPEG rows")
     p.add_argument("--jpeg-classes", type=int, default=100, help="classes of the JPEG tree")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the JPEG rows (default 8; --tiny 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers of the JPEG rows (default 8; --tiny 1)")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.md and bench.json")
     args = p.parse_args(argv)
     tiny = dict(model="vit_micro", img=32, patch=8, batch=16, num_classes=5, steps=3, warmup=1, workers=1)
@@ -298,8 +310,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prov = engine.provenance()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     head = (f"{name} | torch {torch.__version__} | commit {(prov['git_commit'] or 'n/a')[:10]}"
-            f"{' (dirty)' if prov['git_dirty'] else ''} | {args.model}/{args.patch} {args.img}px | batch {args.batch} | "
-            f"precision {accelerator.mixed_precision} | measured matmul peak {peak / 1e12:.2f} TFLOP/s")
+            f"{' (dirty)' if prov['git_dirty'] else ''} | {args.model}/{args.patch} {args.img}px | "
+            f"batch {args.batch} | precision {accelerator.mixed_precision} | "
+            f"measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     print(head)
     out = [head]
     rows: list[dict[str, Any]] = []

@@ -120,6 +120,14 @@ class DataConfig:
     on_device: bool = False
     """hold the training set on the device as uint8 and crop / flip / normalise batches there, no workers
     (in-memory sets: CIFAR, synthetic; fine-tuning needs aug.rand_augment '', aug.reprob 0)"""
+    pipeline: str = "pil"
+    """training images (livt.data.transforms.TrainTransform; not with on_device): pil (Pillow, the torchvision
+    / timm transforms: the reference, the default, bit for bit the runs made so far) | fast (the same draws
+    and ops; the crop drawn from the file's header, resized by torch's Pillow-compatible bicubic: within one
+    grey level) | draft (fast + reduced-DCT JPEG decoding where the crop keeps >= img_size pixels a side)"""
+    uint8_batches: bool = False
+    """loader workers hand over uint8 images; normalisation and random erasing run batched on the device (the
+    same erasing boxes, the noise drawn there from (seed, step)); default off, as the noise values change"""
     skip_bad_images: bool = False
     """skip unreadable images (counted and reported at the end) instead of stopping"""
     download: bool = False
@@ -747,7 +755,8 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict", "config_hash", "run_name",
+    "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict",
+    "config_hash", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

@@ -5,8 +5,9 @@ because exact resumption depends on them:
 - gradient accumulation: an optimizer step consumes `accum` micro-batches, gradients are synchronised
   on the last one only (`no_sync`), and training states are saved between optimizer steps only;
 - randomness: every optimizer step reseeds torch / numpy / random from (seed, step, rank), and every
-  sample's augmentation is seeded from (seed, epoch, index) (`livt.data.loading.Augmented`), so a
-  resumed run draws the same masks, mixup pairs, drop paths and augmentations as an uninterrupted one;
+  sample's augmentation is seeded from (seed, epoch, index) (`livt.data.loading.Augmented`; the erasing
+  noise of uint8 batches from (seed, step, rank, micro-batch)), so a resumed run draws the same masks,
+  mixup pairs, drop paths and augmentations as an uninterrupted one;
 - data order: the sampler is a function of (seed, epoch) and can start in the middle of an epoch.
 
 No host sync on the critical path of a step: whether a step was finite and whether a process was asked
@@ -41,10 +42,12 @@ from livt import config as config_lib
 from livt import tracking
 from livt.data.loading import Augmented, make_loader
 from livt.data.samplers import EvalSampler, TrainSampler
+from livt.data.transforms import finish_batch
 from livt.models import compile_blocks
 from livt.optim import build_optimizer, lr_at, set_lr
 
 STATE_DIR = "state"
+ERASE_STREAM = 0xE2A5E  # keeps the erasing noise's seeds apart from seed_step's
 
 
 class RunDirError(RuntimeError):
@@ -291,6 +294,8 @@ class Trainer:
     The stage supplies `forward(model, images, labels, indices, step) -> loss`; `indices` are the
     dataset indices of the micro-batch (CPU), for randomness that must not depend on the process count.
     `optimize` is the module whose trainable parameters the optimizer steps (default: `model`).
+    A `train_set` that is an `Augmented` runs its transform as data.pipeline / data.uint8_batches ask
+    (`Augmented.with_pipeline`); uint8 batches are normalised (and erased) here, on the device.
     Building it writes the resolved config, with the derived lr and step arithmetic, to the run directory.
     """
 
@@ -298,6 +303,8 @@ class Trainer:
                  train_set: Augmented, targets: np.ndarray, num_classes: int,
                  forward: Callable[..., torch.Tensor], optimize: torch.nn.Module | None = None) -> None:
         self.cfg, self.stage, self.acc, self.run_dir = cfg, stage, accelerator, run_dir
+        if isinstance(train_set, Augmented):
+            train_set = train_set.with_pipeline(cfg.data.pipeline, cfg.data.uint8_batches)
         self.train_set, self.forward = train_set, forward
         self.sampler = TrainSampler(
             targets, num_classes, cfg.data.sampler, cfg.seed, cfg.data.batch_size,
@@ -416,6 +423,9 @@ class Trainer:
             self.skipped_images += n_skipped
             images = images.to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
+            if images.dtype == torch.uint8:  # data.uint8_batches: the end of the transform, batched here
+                images = finish_batch(images, cfg.data.mean, cfg.data.std,
+                                      derive_seed(cfg.seed, state.step, acc.process_index, micro, ERASE_STREAM))
             sync = micro == plan.accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 if len(images):

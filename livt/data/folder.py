@@ -17,7 +17,7 @@ from PIL import Image
 from livt.config import DataConfig
 from livt.data.cifar import long_tail_counts
 from livt.data.errors import DataError, EmptyClassError, MissingDataError
-from livt.data.splits import LTDataset, open_image
+from livt.data.splits import EncodedImage, LTDataset, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -59,6 +59,9 @@ class FolderDataset(LTDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         return open_image(self.paths[index]), int(self.targets[index])
+
+    def open(self, index: int) -> tuple[EncodedImage, int]:
+        return EncodedImage(self.paths[index]), int(self.targets[index])
 
 
 def long_tail_subset(targets: np.ndarray, num_classes: int, imbalance: float, seed: int) -> np.ndarray:

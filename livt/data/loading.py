@@ -3,7 +3,7 @@
 `Augmented` draws each sample's augmentation from a seed derived from (seed, epoch, index), so a sample
 looks the same whatever worker loads it and whatever the number of workers: training is reproducible
 and resumable mid-epoch. What stays nondeterministic: nothing on the CPU path; bicubic resampling may
-differ across Pillow versions.
+differ across Pillow (and, with data.pipeline fast, torch) versions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from livt.data.errors import ImageReadError
 from livt.data.splits import LTDataset
+from livt.data.transforms import TrainTransform, check_pipeline
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> tuple[int, np.ndarray, int]:
@@ -31,13 +32,26 @@ class Augmented(torch.utils.data.Dataset):
     The python, numpy and torch CPU random states are seeded per sample and restored afterwards, so
     loading in the main process (num_workers=0) does not disturb its random streams. With
     `skip_bad_images` an unreadable image gives None (and a warning naming the file); `collate` drops it.
+    With `lazy` the transform gets the image undecoded where it is a file (`LTDataset.open`) and decodes it
+    itself (`TrainTransform`).
     """
 
-    def __init__(self, dataset: LTDataset, transform: Callable, seed: int = 0, skip_bad_images: bool = False):
+    def __init__(self, dataset: LTDataset, transform: Callable, seed: int = 0, skip_bad_images: bool = False,
+                 lazy: bool = False):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.skip_bad_images = skip_bad_images
+        self.lazy = lazy
+
+    def with_pipeline(self, pipeline: str, uint8: bool) -> Augmented:
+        """This training set with its transform run as data.pipeline / data.uint8_batches ask
+        (`TrainTransform`); itself for the reference ('pil', float)."""
+        check_pipeline(pipeline)
+        if pipeline == "pil" and not uint8:
+            return self
+        return Augmented(self.dataset, TrainTransform(self.transform, pipeline, uint8), self.seed,
+                         self.skip_bad_images, lazy=pipeline != "pil")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -45,30 +59,34 @@ class Augmented(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
         epoch, index = item
         try:
-            img, label = self.dataset.load(index)
+            img, label = self.dataset.open(index) if self.lazy else self.dataset.load(index)
+            x = self._augment(img, epoch, index)  # decodes the image too where it is lazy
         except ImageReadError as e:
             if not self.skip_bad_images:
                 raise
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
             return None
+        return x, label, index
+
+    def _augment(self, img: object, epoch: int, index: int) -> torch.Tensor:
         py_seed, np_seed, torch_seed = sample_seed(self.seed, epoch, index)
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             random.seed(py_seed)
             np.random.seed(np_seed)
             torch.random.default_generator.manual_seed(torch_seed)  # CPU only: leave CUDA streams alone
-            x = self.transform(img)
+            return self.transform(img)
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
-        return x, label, index
 
 
 def collate(batch: list[tuple[torch.Tensor, int, int] | None]):
     """-> (images (B, 3, H, W) float, labels (B,) int64, indices (B,) int64, n_skipped).
 
-    B counts only the readable samples; if none is, images is an empty (0, 3, 0, 0) tensor.
+    B counts only the readable samples; if none is, images is an empty (0, 3, 0, 0) tensor. With
+    data.uint8_batches the images are uint8 (B, 3 or 4, H, W), for `livt.data.transforms.finish_batch`.
     """
     kept = [b for b in batch if b is not None]
     n_skipped = len(batch) - len(kept)

@@ -3,12 +3,14 @@
 ImageNet-LT, Places-LT, iNaturalist 2018 and ImageNet-BAL are all lists of images under an image root.
 Lists are parsed strictly, up front: a malformed line or a label outside [0, C) stops the run with the
 file and line at fault. Images are opened only when a sample is loaded (iNat18 has 437k of them);
-`verify_images` opens them all for an opt-in check.
+`verify_images` opens them all for an opt-in check. `LTDataset.open` hands over an image file not yet
+decoded (`EncodedImage`), for a transform that decodes it itself (`livt.data.transforms.TrainTransform`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,11 @@ class LTDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple[Image.Image, int]:
         raise NotImplementedError
 
+    def open(self, index: int) -> tuple[Image.Image | EncodedImage, int]:
+        """(the image, label) with the decoding left to the caller where the image is a file (`EncodedImage`);
+        the decoded image otherwise."""
+        return self.load(index)
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.load(index)
 
@@ -81,17 +88,47 @@ class ArrayDataset(LTDataset):
         return Image.fromarray(self.images[index]), int(self.targets[index])
 
 
-def open_image(path: str | Path, origin: str = "") -> Image.Image:
-    """Decode an image fully into RGB; any failure is an `ImageReadError` naming the file (and origin)."""
-    where = f" (listed at {origin})" if origin else ""
+# what Pillow raises for a missing, unknown or broken image file
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file not decoded yet, and where it is listed (`origin`, for the error messages)."""
+
+    path: Path
+    origin: str = ""
+
+    def header(self) -> Image.Image:
+        """The file opened by Pillow, which reads the header only (size, format, mode): nothing is decoded
+        until `load()`."""
+        try:
+            return Image.open(self.path)
+        except READ_ERRORS as e:
+            raise self.error(e) from None
+
+    def error(self, e: Exception) -> ImageReadError:
+        """The `ImageReadError` naming the file (and origin) for a failure `e` to open or decode it."""
+        where = f" (listed at {self.origin})" if self.origin else ""
+        if isinstance(e, FileNotFoundError):
+            return ImageReadError(f"{self.path}: image not found{where}")
+        return ImageReadError(f"{self.path}: cannot decode image{where}: {e}")
+
+
+def decode_rgb(img: Image.Image, source: EncodedImage) -> Image.Image:
+    """Decode `img` (opened from `source`, maybe set to a reduced JPEG scale by `draft`) into RGB."""
     try:
-        with Image.open(path) as img:
+        with img:
             img.load()  # decode now: Image.open is lazy and a truncated file fails only here
             return img.convert("RGB")
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: image not found{where}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{path}: cannot decode image{where}: {e}") from None
+    except READ_ERRORS as e:
+        raise source.error(e) from None
+
+
+def open_image(path: str | Path, origin: str = "") -> Image.Image:
+    """Decode an image fully into RGB; any failure is an `ImageReadError` naming the file (and origin)."""
+    source = EncodedImage(Path(path), origin)
+    return decode_rgb(source.header(), source)
 
 
 INT64_MAX = 2**63 - 1
@@ -226,6 +263,9 @@ class SplitFileDataset(LTDataset):
     def load(self, index: int) -> tuple[Image.Image, int]:
         return open_image(self.root / self.paths[index], self.origin(index)), int(self.targets[index])
 
+    def open(self, index: int) -> tuple[EncodedImage, int]:
+        return EncodedImage(self.root / self.paths[index], self.origin(index)), int(self.targets[index])
+
 
 class SubsetDataset(LTDataset):
     """Entries `indices` of `base` (a val split carved from train, and the train split that remains)."""
@@ -238,6 +278,9 @@ class SubsetDataset(LTDataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         return self.base.load(int(self.indices[index]))
+
+    def open(self, index: int) -> tuple[Image.Image | EncodedImage, int]:
+        return self.base.open(int(self.indices[index]))
 
 
 def carve_val(targets: np.ndarray, num_classes: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
