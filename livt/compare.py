@@ -16,7 +16,8 @@ dataset's MGP pretraining first, once) or from scratch; CNN methods always from 
 forces a ViT method from scratch (the random-initialisation baseline).
 
 Budget: each method runs its own recipe (as the papers compare them); `--epochs N` compresses every run's
-schedule to N fine-tuning epochs (warm-up and step milestones scale with it); the table always shows what each row spent (epochs, images seen, training time).
+schedule to N fine-tuning epochs (warm-up and step milestones scale with it); the table always shows what
+each row spent (epochs, images seen, training time).
 With `--relative`, the balanced variant of the same data (`--data.balanced true`, same size) is also run
 for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
 A_r = A_t / max(A_v, A_b).
@@ -446,7 +447,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once (each gets cores / jobs threads; on a small CPU, 1 is fastest)")
-    p.add_argument("--epochs", type=int, default=0, help="compress every run's schedule to this many fine-tuning epochs")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="compress every run's schedule to this many fine-tuning epochs")
     p.add_argument("--pretrained", default="", help="ViT encoder file, or 'mgp' to pretrain first ('' = scratch)")
     p.add_argument("--pretrain-args", default="", help="extra pretraining options, e.g. '--optim.epochs 50'")
     p.add_argument("--relative", action="store_true", help="also run the balanced data; report A_r")
