@@ -166,7 +166,8 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
     epoch and the final betas."""
     a, num_classes = cfg.afg, head.out_features
     if not 0 < a.tukey <= 1 or a.support < 1:
-        raise config_lib.ConfigError(f"--afg.tukey must be in (0, 1] and --afg.support >= 1, got {a.tukey}, {a.support}")
+        raise config_lib.ConfigError(
+            f"--afg.tukey must be in (0, 1] and --afg.support >= 1, got {a.tukey}, {a.support}")
     teacher = nn.Linear(head.in_features, num_classes)
     teacher.load_state_dict(head.state_dict())
     teacher.requires_grad_(False)

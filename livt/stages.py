@@ -279,7 +279,8 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
         raise config_lib.ConfigError(f"--stage2: no second stage '{cfg.stage2}'; choose one of {', '.join(STAGES2)}"
                                      + ("" if cfg.stage2 else " (with --init_classifier)"))
     if not cfg.init_classifier:
-        raise config_lib.ConfigError(f"--stage2 {cfg.stage2}: needs --init_classifier <stage-1 run>/classifier.safetensors")
+        raise config_lib.ConfigError(
+            f"--stage2 {cfg.stage2}: needs --init_classifier <stage-1 run>/classifier.safetensors")
     if cfg.pretrained or cfg.from_scratch:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
                                      f"--pretrained / --from_scratch")

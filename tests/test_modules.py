@@ -247,7 +247,8 @@ def test_reslt_recipe_runs_end_to_end(tmp_path):
 
 def test_sade_recipe_with_test_time_aggregation_runs_end_to_end(tmp_path):
     run_dir = finetune.main(["--data", "tiny", "--from_scratch", "--method", "sade", "--optim.epochs", "1",
-                             "--select", "last", "--data.test_per_class", "10", "--test_prior_imbalance", "5", "--tta_aggregate", "--tta_epochs", "1",
+                             "--select", "last", "--data.test_per_class", "10", "--test_prior_imbalance", "5",
+                             "--tta_aggregate", "--tta_epochs", "1",
                              "--output_dir", str(tmp_path)])
     results = json.loads((run_dir / "test_results.json").read_text())
     trans = results["transductive"]

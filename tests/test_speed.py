@@ -35,7 +35,8 @@ def test_rrc_boxes_draw_torchvision_distribution():
     torch.manual_seed(0)
     ref = np.array([RandomResizedCrop.get_params(torch.empty(3, H, W), (0.08, 1.0), (3 / 4, 4 / 3))
                     for _ in range(n)])
-    for ours, theirs in ((h * w / (H * W), ref[:, 2] * ref[:, 3] / (H * W)), (np.log(w / h), np.log(ref[:, 3] / ref[:, 2])),
+    for ours, theirs in ((h * w / (H * W), ref[:, 2] * ref[:, 3] / (H * W)),
+                         (np.log(w / h), np.log(ref[:, 3] / ref[:, 2])),
                          ((left + w / 2) / W, (ref[:, 1] + ref[:, 3] / 2) / W)):
         assert abs(ours.mean() - theirs.mean()) < 0.02 and abs(ours.std() - theirs.std()) < 0.02
     # a tall strip has no valid try at ratio >= 3/4 often: the fallback is the centred clamped crop

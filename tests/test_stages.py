@@ -96,7 +96,8 @@ def test_tau_is_chosen_on_val_where_test_would_choose_another():
     tau, rows = stages.choose_tau(w, val_x, val_y, [0.0, 1.0, 2.0])
     assert tau == 1.0 and [r["val_mean_class_acc"] for r in rows] == [50.0, 100.0, 50.0]
     assert stages.choose_tau(w, test_x, test_y, [0.0, 1.0, 2.0])[0] == 0.0
-    assert stages.tau_grid(c.DecoupledConfig())[:3] == [0.0, 0.1, 0.2] and len(stages.tau_grid(c.DecoupledConfig())) == 21
+    grid = stages.tau_grid(c.DecoupledConfig())
+    assert grid[:3] == [0.0, 0.1, 0.2] and len(grid) == 21
 
 
 def test_ncm_means_by_hand_and_exact_on_separable_features():
@@ -165,7 +166,8 @@ def test_mislas_shifted_bn_changes_only_bn_running_statistics_and_the_head(tmp_p
     before, after, changed = _resnet_stage(tmp_path, "mislas")
     bn_stats = {k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     assert changed == bn_stats | {"fc.weight", "fc.bias"}  # every BN layer re-estimated, nothing else
-    bn_affine = [k for k in before if k.rsplit(".", 1)[0] + ".running_mean" in before and k.endswith(("weight", "bias"))]
+    bn_affine = [k for k in before
+                 if k.rsplit(".", 1)[0] + ".running_mean" in before and k.endswith(("weight", "bias"))]
     assert bn_affine and all(torch.equal(before[k], after[k]) for k in bn_affine)
 
 
@@ -192,7 +194,8 @@ def test_each_second_stage_end_to_end_after_its_stage1(tmp_path, stage1, monkeyp
     first = stage1(about["stage1"])
     seen = []  # the splits whose features a method computes itself
     features = stages.features
-    monkeypatch.setattr(stages, "features", lambda acc, model, cfg, ds: seen.append(ds.name) or features(acc, model, cfg, ds))
+    monkeypatch.setattr(stages, "features",
+                        lambda acc, model, cfg, ds: seen.append(ds.name) or features(acc, model, cfg, ds))
     run_dir = finetune.main(["--data", "tiny", "--method", method, "--init_classifier", str(first),
                              "--optim.epochs", "1", "--output_dir", str(tmp_path), "--run_name", method])
     results = json.loads((run_dir / "test_results.json").read_text())
@@ -224,7 +227,8 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
     with pytest.raises(c.ConfigError, match="no second stage 'cRT'"):
         finetune.main(base + ["--stage2", "cRT", "--init_classifier", str(stage1("ce"))])
     with pytest.raises(c.ConfigError, match="--data.val_from_train"):
-        finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--data.val_from_train", "0.2"])
+        finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")),
+                              "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
         finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
 
@@ -291,7 +295,8 @@ def test_beta_rises_with_tail_val_accuracy_and_falls_with_it():
     before = torch.tensor([0.4, 0.4, 0.4, 0.1, 0.1], dtype=torch.float64)
     tail = torch.tensor([True, True, True, True, False])
     new = afg.update_beta(beta, acc, before, tail, 0.05)
-    assert torch.allclose(new, torch.tensor([0.65, 0.55, 0.6, 1.0, 0.0], dtype=torch.float64))  # up, down, same, capped, head
+    # up, down, same, capped, head
+    assert torch.allclose(new, torch.tensor([0.65, 0.55, 0.6, 1.0, 0.0], dtype=torch.float64))
 
 
 def test_kd_term_is_zero_on_tail_classes_and_follows_the_gbl_schedule():
