@@ -6,7 +6,9 @@ others, its size and its orientation. The class table is fixed by the number of 
 samples depend on `subset_seed`. Every image shows one object under a random pose (rotation +-30
 degrees, scale 0.8-1.2, translation up to an eighth of the image), each part in its own random colour,
 over a cluttered background (a random base colour, a colour grating and low-frequency colour noise),
-with up to two distractor primitives, and pixel noise. Colours are drawn independently of the class, and
+with up to two distractor primitives, and pixel noise (`data.clutter` scales the grating, the colour noise and
+the distractor probability: 1 is this standard set, 0 leaves the object alone on a plain random colour with
+pixel noise; the demo uses 0). Colours are drawn independently of the class, and
 foreground and background colours have the same distribution, so the mean colour of an image carries no
 class information: the classes differ only in shape and arrangement.
 
