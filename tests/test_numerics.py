@@ -19,17 +19,6 @@ from livt.models.vit import create_vit
 BF16_REL_TOL = 5e-3
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: on 2 cores shared with other jobs, 2-thread runs slow to a crawl (spin-waiting threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def loss_curve(stage, out, precision):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

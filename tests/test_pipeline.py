@@ -180,17 +180,6 @@ def test_samples_are_functions_of_seed_epoch_index(tmp_path):
         data.with_pipeline("turbo", uint8=False)
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: on 2 cores shared with other jobs, 2-thread runs slow to a crawl (spin-waiting threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def test_stopped_and_resumed_run_equals_the_straight_one(tmp_path, one_thread):
     """Fine-tuning steps on the tiny preset with data.pipeline fast and data.uint8_batches (RandAugment, random
     erasing on the device, drop path), stopped by a pre-emption notice at step 3 and resumed, end with the
