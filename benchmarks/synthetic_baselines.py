@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic_baselines.py --device cuda --epochs 60     # H100: about 1.5 minutes
     python benchmarks/synthetic_baselines.py --epochs 3 --sets bal500      # CPU, 2 cores: about 5 minutes
+    python benchmarks/synthetic_baselines.py --models linear --max_per_class 1000 --clutter 0   # the demo's set
 
 Trains each model with plain cross-entropy on three training sets of the default synthetic config
 (10 classes, 32 px): balanced 500/class ('bal500'), long-tailed (imbalance 100, 1,236 images, 'lt100')
@@ -14,6 +15,9 @@ Measured (H100, --epochs 60; ViT = timm ViT, patch 4, width 128, depth 4, 4 head
     cnn     bal500 99.3   lt100 82.7 (head 98.7, tail 45.3)   bal_same 98.1
     vit     bal500 83.8   lt100 37.7 (head 76.3, tail 2.0)    bal_same 45.7    (bal500, 150 epochs: 95.7)
 CPU, 2 cores, --epochs 3 on bal500 (2-3 minutes a model): linear 14.2, cnn 83.7, vit 14.1.
+The demo's set (--max_per_class 1000 --clutter 0; 'bal500' is then 1,000 per class, 'lt100' the demo's 2,478
+training images), linear, 30 epochs, 2-core VM, 2026-12-04: bal500 18.8, lt100 17.8 (head 39.3, tail 4.0),
+bal_same 16.4.
 """
 
 from __future__ import annotations
