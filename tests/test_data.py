@@ -423,6 +423,10 @@ def test_stored_size_resizes_every_split_once(tree):
     assert np.array_equal(small.images[3], want)
     carved = build_dataset(replace(cfg, stored_size=16, val_from_train=0.2), "val")  # resized before carving
     assert carved.load(0)[0].size == (16, 16)
+    with pytest.raises(DataError, match="data.stored_size must be >= 0"):
+        build_dataset(replace(cfg, stored_size=-16), "test")
+    with pytest.raises(ValueError, match="data.clutter must be >= 0"):
+        build_dataset(replace(cfg, clutter=-1.0), "test")
     with pytest.raises(DataError, match="stored_size resizes in-memory sets"):
         build_dataset(replace(tree[0], stored_size=16), "train")  # a split-file set of JPEG files
 

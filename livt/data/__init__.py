@@ -76,6 +76,8 @@ def _build(cfg: DataConfig, split: str) -> LTDataset:
 def stored_at(ds: LTDataset, size: int) -> ArrayDataset:
     """`data.stored_size`: the in-memory set `ds` with every image resized once to size x size (Pillow
     bicubic, antialiased), the same dataset at a lower resolution (e.g. CIFAR at 16 px for a CPU budget)."""
+    if size < 0:
+        raise DataError(f"{ds.name}: data.stored_size must be >= 0 (0 = as stored), got {size}")
     if not isinstance(ds, ArrayDataset):
         raise DataError(f"{ds.name}: data.stored_size resizes in-memory sets (CIFAR, npz, synthetic) only; "
                         f"set it to 0 for this dataset and use data.img_size")

@@ -250,6 +250,8 @@ class SyntheticLT(ArrayDataset):
             raise ValueError(f"split must be one of {', '.join(SPLIT_CODE)}, got {split!r}")
         if cfg.num_classes < 2:
             raise ValueError(f"synthetic: num_classes must be >= 2, got {cfg.num_classes}")
+        if cfg.clutter < 0:
+            raise ValueError(f"synthetic: data.clutter must be >= 0 (1 = the standard set), got {cfg.clutter}")
         self.table = ClassTable(cfg.num_classes)
         counts = split_counts(cfg, split)
         # render the classes batched together (vectorised), from their own streams
