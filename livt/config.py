@@ -227,6 +227,9 @@ class LossConfig:
     """LDAM deferred re-weighting: class-balanced weights from this fraction of training on (>= 1 = off)"""
     drw_beta: float = 0.9999
     """LDAM deferred re-weighting: effective-number beta of its weights"""
+    drw_mean: str = "weighted"
+    """LDAM deferred re-weighting: weighted (the official code: sum_i w_i loss_i / sum_i w_i) | plain (livt's
+    re-weighting convention: (1/B) sum_i w_i loss_i)"""
     lade_alpha: float = 0.1
     """LADE weight of the LADER regulariser (0.1 CIFAR-100-LT, 0.005 ImageNet-LT in the paper)"""
     lade_lambda: float = 0.1
@@ -246,7 +249,13 @@ class LossConfig:
     gbl_c: float = 2.0
     """GBL base c of alpha = s (c^progress - 1) (2 = convex, the paper's best)"""
     reslt_alpha: float = 0.995
-    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * sum of branch CEs"""
+    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * the pooled branch CE"""
+    reslt_groups: str = "rank"
+    """ResLT head / medium / tail groups: rank (the official code: fixed slices of the classes sorted by count,
+    sizes from reslt_split) | log_count (the paper's reading: three groups of equal imbalance factor)"""
+    reslt_split: tuple[float, float] = (0.35, 0.35)
+    """ResLT rank groups: fractions of the classes that are head and medium (tail: the rest); the official
+    CIFAR-100 0.35 / 0.35; the recipe sets CIFAR-10's 0.2 / 0.2 and ImageNet-LT's 0.175 / 0.605"""
     sade_lambda: float = 2.0
     """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
     las_head: float = 0.3

@@ -11,7 +11,6 @@ and the extras (e.g. the cosine head's `cosine`). `livt.models.outputs` collects
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -20,7 +19,9 @@ from torch import Tensor, nn
 
 
 class CosineHead(nn.Module):
-    """s * cos(w_c, x) for every class c; no bias. Weights uniform(-1/sqrt(D), 1/sqrt(D))."""
+    """s * cos(w_c, x) for every class c; no bias. Each class vector w_c starts uniform(-1, 1) scaled to unit
+    norm, as the official LDAM-DRW normalised linear layer (its `renorm` to 1): the norm sets the head's
+    effective learning rate under SGD with weight decay, since the cosine ignores it."""
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0) -> None:
         super().__init__()
@@ -28,8 +29,9 @@ class CosineHead(nn.Module):
             raise ValueError(f"cosine head scale must be > 0, got {scale}")
         self.in_features, self.out_features, self.scale = in_features, num_classes, float(scale)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
     def outputs(self, features: Tensor) -> dict[str, Tensor]:
         cosine = F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).t()  # (B, C)
