@@ -8,7 +8,7 @@ logits z[i, c] = 3 sin(1.7 i + 0.9 c + 0.3), cosines 0.9 sin(...), features h[i,
 
 import torch
 
-from livt.losses import bal_bce, bal_ce, build_loss, ib, lade, ldam
+from livt.losses import bal_bce, bal_ce, build_loss, cb_bce, cb_ce, cb_focal, ib, lade, ldam
 
 COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 Y = torch.tensor([0, 3, 9, 9, 5, 2])
@@ -60,3 +60,13 @@ def test_logit_adjusted_losses_match_their_official_code():
     # jiawei-ren/BalancedMetaSoftmax-Classification @ 34a61e432881816c2da14d577d6ed63501288f5f,
     # loss/BalancedSoftmaxLoss.py balanced_softmax_loss(reduction='mean')
     assert rel(bal_ce(Z, Y, COUNTS), 5.970074780113907) < 1e-7
+
+
+def test_class_balanced_losses_match_the_official_code():
+    # richardaecn/class-balanced-loss @ 1d7857208a2abc03d84e35a9d5383af8225d4b4d, src/cifar_main.py l. 226-266 and
+    # 320-342 (softmax / sigmoid / focal, beta 0.9999), transcribed op by op from TensorFlow to numpy (TensorFlow
+    # is not a dependency) and run in float64. Its reductions are livt's: (1/B) sum_i w_y (loss summed over C)
+    assert rel(cb_ce(Z, Y, COUNTS), 5.655833160378877) < 1e-7
+    assert rel(cb_bce(Z, Y, COUNTS), 15.30453611901172) < 1e-7
+    assert rel(cb_focal(Z, Y, COUNTS, gamma=1.0), 12.52564533508415) < 1e-7
+    assert rel(cb_focal(Z, Y, COUNTS, gamma=2.0), 10.903189573062676) < 1e-7
