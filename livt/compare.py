@@ -3,6 +3,8 @@
     livt compare --data tiny --methods ce,bal_ce,bal_bce --seeds 0          # seconds on a CPU
     livt compare --data cifar10_lt --methods ce,bal_bce,resnet_ce,ldam_drw --seeds 0,1,2 \\
         --pretrained mgp --jobs 2 -- --data.root ../shared/data/cifar10
+    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \\
+        --vary loss.tau=0.5,1,2 --dry-run -- --data.root ../shared/data/cifar10     # the plan, nothing run
     livt compare --list                                                     # the methods, family, paper
 
 Each (method, seed) is one fine-tuning run in its own process (`livt finetune --data D --method M --seed S
@@ -22,8 +24,17 @@ With `--relative`, the balanced variant of the same data (`--data.balanced true`
 for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
 A_r = A_t / max(A_v, A_b).
 
+Devices: each run gets its own GPUs (`--gpus 0,1,2,3`, default all visible; `--gpus-per-run K`, K > 1 through
+`accelerate launch --num_processes K`, same effective batch: the micro-batch per process is lowered only where
+it must be) through CUDA_VISIBLE_DEVICES; on a CPU-only machine runs go on the CPU as before. `--dry-run`
+prints the plan (every run, reused / resumed / stale, its command, devices and dependencies) and runs nothing.
+`--vary loss.tau=0.5,1,2` (repeatable: every combination) makes one row per value for each method
+(`bal_bce[tau=0.5]`); a varied data.* / model.* key applies to a row's whole chain, any other key only to the
+row's own run, so stage-1 and pretraining runs stay shared.
+
 The table is rebuilt from what the runs wrote (test_results.json, test_per_class.csv), never from memory:
-`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, and `<out>/logs/<run>.log`.
+`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, `<out>/logs/<run>.log`, and
+`<out>/logs/jobs.json` (what ran where: status, devices, times, command of every run).
 """
 
 from __future__ import annotations
@@ -361,22 +372,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(job: Job, processes: int = 1, cpu: bool = False, port: int | None = None) -> list[str]:
+def command(job: Job, processes: int = 1, port: int | None = None) -> list[str]:
     """The command line of `job`: `python -m livt.cli STAGE ARGV --resume auto`, through `accelerate launch`
-    with `processes` processes (on the CPU with `cpu`) when there are several."""
+    (torchrun's launcher) with `processes` processes when there are several; its environment: `job_env`."""
     cli = ["-m", "livt.cli", job.stage, *job.argv, "--resume", "auto"]
     if processes == 1:
         return [sys.executable, *cli]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--cpu"] if cpu else ["--multi_gpu"]
     if port is not None:
         launch += ["--main_process_port", str(port)]  # concurrent runs on one node: one port each
     return [*launch, *cli]
 
 
-def shown(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd).replace(shlex.quote(sys.executable), "python")
+def job_env(ids: list[str], processes: int = 1, cpu: bool = False) -> dict[str, str]:
+    """What a job's environment adds: its GPUs, and for several processes on the CPU (pretended GPUs)
+    ACCELERATE_USE_CPU, which makes the launched processes one gloo group on the CPU (`accelerate launch --cpu`
+    would start a single process without MPI)."""
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if ids else {}
+    return {**env, "ACCELERATE_USE_CPU": "true"} if cpu and processes > 1 else env
+
+
+def shown(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in (env or {}).items()),
+                     *(shlex.quote(c) for c in cmd)]).replace(shlex.quote(sys.executable), "python")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +420,8 @@ def dry_run(cmp: Comparison, devices: Devices, n_parallel: int, rerun_stale: boo
         if job.status == "pending":
             gpus = f"any {devices.per_run} of {','.join(devices.ids)}" if devices.ids else "CPU"
             say(f"    devices: {gpus}; after: {', '.join(Path(d).name for d in job.deps) or '-'}")
-            say(f"    {shown(command(job, devices.per_run if devices.ids else 1, devices.cpu))}")
+            k = devices.per_run if devices.ids else 1
+            say(f"    {shown(command(job, k), job_env([], k, devices.cpu))}")
     for row in cmp.rows:
         if row.error:
             say(f"failed   {row.method} seed {row.seed}: {row.error}")
@@ -467,12 +487,13 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
 def launch(job: Job, ids: list[str], processes: int, cpu: bool, logs: Path, env: dict[str, str]) -> None:
     """Start `job` on the GPUs `ids` (CUDA_VISIBLE_DEVICES), its output into its log."""
     job.log, job.devices, job.started = logs / f"{Path(job.key).name}.log", ids, time.time()
-    env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(ids)} if ids else env
-    cmd = command(job, processes, cpu, free_port() if processes > 1 else None)
+    extra = job_env(ids, processes, cpu)
+    cmd = command(job, processes, free_port() if processes > 1 else None)
     with open(job.log, "w") as f:
-        f.write(("CUDA_VISIBLE_DEVICES=" + ",".join(ids) + " " if ids else "") + shown(cmd) + "\n")
+        f.write(shown(cmd, extra) + "\n")
         f.flush()
-        job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**env, **extra})
 
 
 def last_error(log: Path | None, code: int) -> str:
@@ -741,7 +762,8 @@ def write_jobs(cmp: Comparison, devices: Devices, path: Path) -> None:
     path.write_text(json.dumps([
         {"run_dir": j.key, "stage": j.stage, "status": j.status, "note": j.note, "error": j.error,
          "deps": j.deps, "devices": j.devices, "started": j.started, "ended": j.ended,
-         "command": shown(command(j, cmp.processes, devices.cpu))} for j in cmp.jobs.values()], indent=1))
+         "command": shown(command(j, cmp.processes), job_env(j.devices, cmp.processes, devices.cpu))}
+        for j in cmp.jobs.values()], indent=1))
 
 
 def main(argv: list[str] | None = None) -> Path | None:
