@@ -414,9 +414,14 @@ def dry_run(cmp: Comparison, devices: Devices, n_parallel: int, rerun_stale: boo
             f"{devices.per_run} per run" if devices.ids else "CPU")
     say(f"plan: {len(cmp.jobs)} runs for {len(cmp.rows)} rows: {len(todo)} to run, "
         f"{len(cmp.jobs) - len(todo)} reused; {pool}, {n_parallel} at once")
+    serves: dict[str, list[str]] = {}
+    for row in cmp.rows:
+        for key in row.jobs:
+            serves.setdefault(key, []).append(f"{row.method} seed {row.seed}")
     for job in cmp.jobs.values():
         what = "reuse" if job.status == "reused" else "resume" if job.note.startswith("resume") else "run"
-        say(f"{what:8s} {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}")
+        say(f"{what:8s} {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}"
+            f"  <- {', '.join(serves.get(job.key, ['pretraining']))}")
         if job.status == "pending":
             gpus = f"any {devices.per_run} of {','.join(devices.ids)}" if devices.ids else "CPU"
             say(f"    devices: {gpus}; after: {', '.join(Path(d).name for d in job.deps) or '-'}")
