@@ -417,7 +417,8 @@ def dry_run(cmp: Comparison, devices: Devices, n_parallel: int, rerun_stale: boo
     serves: dict[str, list[str]] = {}
     for row in cmp.rows:
         for key in row.jobs:
-            serves.setdefault(key, []).append(f"{row.method} seed {row.seed}")
+            serves.setdefault(key, []).append(f"{row.method}{' (balanced data)' if row.balanced else ''} "
+                                              f"seed {row.seed}")
     for job in cmp.jobs.values():
         what = "reuse" if job.status == "reused" else "resume" if job.note.startswith("resume") else "run"
         say(f"{what:8s} {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}"
