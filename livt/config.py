@@ -673,9 +673,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, YAML/JSON friendly
 
 
+def data_derived(cfg: Any) -> set[str]:
+    """Keys a run sets from its data after the config is parsed (`data.normalize from_train`: data.mean /
+    data.std, by livt.data.resolve_normalization). They follow from the keys that are hashed, so they are
+    left out of the hash: the run's identity is the config as given, before and after resolution alike."""
+    return {"data.mean", "data.std"} if cfg.data.normalize == "from_train" else set()
+
+
 def config_hash(cfg: Any) -> str:
-    """Hash of what defines the run; ignores what may change on resume (`VOLATILE`)."""
-    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in VOLATILE}
+    """Hash of what defines the run; ignores what may change on resume (`VOLATILE`) and what the run
+    derives from its data (`data_derived`)."""
+    skip = VOLATILE | data_derived(cfg)
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in skip}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -684,6 +693,11 @@ def run_name(cfg: Any, stage: str) -> str:
         return cfg.run_name
     method = getattr(cfg, "method", "")
     return f"{stage}-{cfg.data.dataset}-{cfg.model.name}{'-' + method if method else ''}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: Any, stage: str) -> Path:
+    """Where the run of `cfg` lives: the one source of truth, for the run itself and for `livt compare`."""
+    return Path(cfg.output_dir) / run_name(cfg, stage)
 
 
 def _show(value: Any) -> str:
@@ -765,7 +779,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
     "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict",
-    "config_hash", "run_name",
+    "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]
