@@ -2,10 +2,10 @@
 val.npz, an image folder): every row of every method family finishes, and a second call reuses every run.
 
 Three calls cover the matrix (all with --pretrained mgp, so every ViT row depends on a pretraining run):
-  npz with val.npz:    normalize from_train, posthoc, sampler sqrt    | ce, crt (stage 2), glag, sade
+  npz with val.npz:    normalize from_train, posthoc, sampler sqrt    | gbl, glag (stage 2 on gbl), sade
   npz without val.npz: normalize from_train, val_from_train, test_prior_imbalance, sampler class_balanced
                                                                       | bal_bce, reslt, resnet_ce (CNN)
-  folder:              normalize from_train, val_from_train           | ce
+  folder:              normalize from_train, val_from_train           | ce (the plain baseline)
 """
 
 import json
@@ -52,7 +52,7 @@ def folder_set(root: Path) -> Path:
 
 # SADE and ResLT run @scratch until they take an MGP encoder (then drop '@scratch': --pretrained mgp applies)
 CALLS = {
-    "npz_val": (["ce", "crt", "glag", "sade@scratch"],
+    "npz_val": (["gbl", "glag", "sade@scratch"],
                 ["--data.normalize", "from_train", "--posthoc", "--data.sampler", "sqrt"]),
     "npz": (["bal_bce", "reslt@scratch", "resnet_ce"],
             ["--data.normalize", "from_train", "--data.val_from_train", "0.2", "--test_prior_imbalance", "10",
