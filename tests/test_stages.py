@@ -321,6 +321,9 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
                               "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
         finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
+    with pytest.raises(c.ConfigError, match="--decoupled.shift_bn: --stage2 ncm"):
+        finetune.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")),
+                              "--decoupled.shift_bn", "true"])
 
 
 # ---------------------------------------------------------------------------------------------
