@@ -322,6 +322,9 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
                                      f"got {cfg.optim.layer_decay}")
     if stage.trainable is None and cfg.decoupled.shift_bn:
         raise config_lib.ConfigError(f"--decoupled.shift_bn: --stage2 {cfg.stage2} trains nothing; drop it")
+    if cfg.decoupled.head_lr_scale != 1.0 and stage.trainable is not scaled_stage1_head:
+        raise config_lib.ConfigError(f"--decoupled.head_lr_scale: only mislas trains a head beside its scales; "
+                                     f"--stage2 {cfg.stage2} takes no {cfg.decoupled.head_lr_scale}")
     return stage
 
 

@@ -324,6 +324,9 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
     with pytest.raises(c.ConfigError, match="--decoupled.shift_bn: --stage2 ncm"):
         finetune.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")),
                               "--decoupled.shift_bn", "true"])
+    with pytest.raises(c.ConfigError, match="--decoupled.head_lr_scale"):
+        finetune.main(base + ["--method", "lws", "--init_classifier", str(stage1("ce")),
+                              "--decoupled.head_lr_scale", "0.5"])
 
 
 # ---------------------------------------------------------------------------------------------
