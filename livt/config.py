@@ -262,10 +262,12 @@ class LossConfig:
     """label-aware smoothing (MiSLAS): epsilon of the largest class"""
     las_tail: float = 0.0
     """label-aware smoothing: epsilon of the smallest class"""
-    las_shape: str = "linear"
-    """label-aware smoothing: epsilon as a function of the class count: linear | concave | convex"""
-    las_spread: str = "paper"
-    """label-aware smoothing: paper (eps_y / (K - 1) on each other class) | code (eps_y / K on every class)"""
+    las_shape: str = "concave"
+    """label-aware smoothing: epsilon as a function of the class count: concave (the official code's) | linear |
+    convex"""
+    las_spread: str = "code"
+    """label-aware smoothing: code (the official code's: eps_y / K on every class) | paper (eps_y / (K - 1) on
+    each other class)"""
 
 
 @dataclass
@@ -298,6 +300,16 @@ class DecoupledConfig:
     """tau-norm: largest tau of the sweep"""
     tau_steps: int = 21
     """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
+    ncm_metric: str = "l2"
+    """NCM: l2 (the official code's `cl2n` + `l2`: squared Euclidean distance of the centred, L2-normalised
+    feature to the class means of the centred, L2-normalised training features; an `ncm` head) | cosine (the
+    paper's wording: cosine to the normalised mean of each class's L2-normalised features; a `cosine` head)"""
+    shift_bn: bool = False
+    """trained second stages: BatchNorm layers in training mode, their statistics re-estimated on the stage's
+    batches (MiSLAS's shifted BN; its official configs: off on CIFAR-10-LT, on elsewhere)"""
+    head_lr_scale: float = 1.0
+    """mislas: the stage-1 head's lr is this x the lr, the learned per-class scales' the lr itself (the official
+    `lr_factor`: 0.5 CIFAR-10-LT x100, 0.2 CIFAR-100-LT x100, 0.05 ImageNet-LT / iNat / Places-LT)"""
 
 
 @dataclass

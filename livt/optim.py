@@ -30,17 +30,33 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     if decay_all:
         if layer_decay < 1.0:
             raise ValueError("optim.decay_all with optim.layer_decay < 1 is not supported; pick one")
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay,
-                 "lr_scale": 1.0}]
-    no_decay = sorted(getattr(model, "no_weight_decay", lambda: set())())
-    if layer_decay < 1.0:
-        groups = param_groups_layer_decay(
-            model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     else:
-        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+        no_decay = sorted(getattr(model, "no_weight_decay", lambda: set())())
+        if layer_decay < 1.0:
+            groups = param_groups_layer_decay(
+                model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+        else:
+            groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
-    return groups
+    return split_by_lr_scale(groups, model)
+
+
+def split_by_lr_scale(groups: list[dict], model: nn.Module) -> list[dict]:
+    """Each group split by the lr factors of `model.lr_scales()` ({parameter name prefix: factor}, if any),
+    which multiply the group's `lr_scale`."""
+    prefixes = getattr(model, "lr_scales", dict)()
+    if not prefixes:
+        return groups
+    factor = {id(p): f for name, p in model.named_parameters() for prefix, f in prefixes.items()
+              if name.startswith(prefix)}
+    out = []
+    for g in groups:
+        for f in sorted({factor.get(id(p), 1.0) for p in g["params"]}):
+            params = [p for p in g["params"] if factor.get(id(p), 1.0) == f]
+            out.append({**g, "params": params, "lr_scale": g["lr_scale"] * f})
+    return out
 
 
 def build_optimizer(model: nn.Module, optim: Any, lr: float) -> torch.optim.Optimizer:
