@@ -217,7 +217,7 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
     if model.num_classes:
         head = model.get_classifier()
         arch["head"] = head_name(head)
-        if arch["head"] == "cosine":
+        if arch["head"] in ("cosine", "ncm"):
             arch["head_scale"] = head.scale
     return arch
 

@@ -289,6 +289,16 @@ class DecoupledConfig:
     """tau-norm: largest tau of the sweep"""
     tau_steps: int = 21
     """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
+    ncm: str = "cl2n_l2"
+    """NCM: cl2n_l2 (Euclidean distance of the centred, L2-normalised feature to the class means of such
+    features: the official default) | cosine (cosine to the normalised mean of L2-normalised features)"""
+    shift_bn: bool = True
+    """MiSLAS: re-estimate the BatchNorm statistics on the stage-2 batches (the official CIFAR-10 configs: false)"""
+    mislas_scales: bool = True
+    """MiSLAS: learn per-class weight scales with the classifier, as the official train_stage2.py (false = the
+    classifier alone)"""
+    mislas_head_lr: float = 1.0
+    """MiSLAS: the classifier's lr as a factor of optim's lr, the scales' lr being optim's (official lr_factor)"""
 
 
 @dataclass

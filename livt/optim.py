@@ -25,21 +25,26 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
     With layer decay, ids are 0 for cls/pos/patch-embed, i + 1 for blocks.i and depth + 1 for
     everything after the blocks; scale = layer_decay ** (depth + 1 - id) (timm's grouping).
-    `decay_all` puts every trainable parameter in one decayed group (the CNN recipes' plain SGD).
+    `decay_all` puts every trainable parameter in one decayed group (the CNN recipes' plain SGD). A module
+    with `lr_scales() -> {id(parameter): factor}` has those parameters' lr scaled by their factor.
     """
     if decay_all:
         if layer_decay < 1.0:
             raise ValueError("optim.decay_all with optim.layer_decay < 1 is not supported; pick one")
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay,
-                 "lr_scale": 1.0}]
-    no_decay = sorted(getattr(model, "no_weight_decay", lambda: set())())
-    if layer_decay < 1.0:
-        groups = param_groups_layer_decay(
-            model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     else:
-        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
+        no_decay = sorted(getattr(model, "no_weight_decay", lambda: set())())
+        if layer_decay < 1.0:
+            groups = param_groups_layer_decay(
+                model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+        else:
+            groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
+    own = getattr(model, "lr_scales", dict)()  # {id(parameter): lr factor} a module asks for (MiSLAS's head)
+    if own:
+        groups = [{**g, "params": [p for p in g["params"] if own.get(id(p), 1.0) == f], "lr_scale": g["lr_scale"] * f}
+                  for g in groups for f in sorted({own.get(id(p), 1.0) for p in g["params"]})]
     return groups
 
 

@@ -18,16 +18,20 @@ results files of `livt.tuning`, with a `stage2` entry saying what was changed.
     crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
     lws       the stage-1 head frozen, a learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c);
               folded into a plain linear head when saved (W <- f * W, b <- f * b)
-    mislas    the stage-1 head trained further (not re-initialised) with label-aware smoothing (the
-              recipe's loss) and shifted BN: the BatchNorm layers in training mode, so their running
-              statistics are re-estimated on the class-balanced batches (their affine weights stay).
+    mislas    the stage-1 linear head trained further (not re-initialised) together with learned per-class
+              scales f_c (LWS-style, from 1; the official train_stage2.py: the head at decoupled.mislas_head_lr
+              times the scales' lr; folded into the head when saved), with label-aware smoothing (the
+              recipe's loss) and shifted BN (decoupled.shift_bn): the BatchNorm layers in training mode,
+              so their running statistics are re-estimated on the class-balanced batches (affine weights stay).
               A ViT has no BatchNorm (LayerNorm keeps no statistics): there shifted BN changes nothing,
               MiSLAS's stage 2 is head re-training with label-aware smoothing, and the results say so
     tau_norm  w_c / ||w_c||^tau with the bias dropped; tau swept over decoupled.tau_min..tau_max and
               chosen on the held-out val split by mean per-class accuracy (top-1 on a balanced val)
-    ncm       cosine to the L2-normalised mean of each class's L2-normalised training features (eval
-              transform, no augmentation); saved as a cosine head of scale model.head_scale, which sets
-              the confidence (ECE) only
+    ncm       nearest class mean of the training features (eval transform, no augmentation), by default
+              the official `cl2n` + `l2`: features minus the training mean, L2-normalised, Euclidean
+              distance to each class's mean of such features (an `ncm` head); `decoupled.ncm cosine`:
+              cosine to the normalised class mean of L2-normalised features (a cosine head). The head's
+              scale model.head_scale sets the confidence (ECE) only
     afg       GLAG's Adaptive Feature Generator (livt.afg): the stage-1 head re-trained on cached features
               plus calibrated Gaussian features for the tail classes, KD to the stage-1 head on head classes
 """
@@ -56,7 +60,7 @@ from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
 from livt.losses import build_loss
 from livt.models import build_head, outputs, set_head
-from livt.models.heads import CosineHead
+from livt.models.heads import CosineHead, NCMHead
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BN layers subclass these
 
@@ -87,12 +91,18 @@ class FrozenBackbone(nn.Module):
 
 
 class ClassScales(nn.Module):
-    """LWS: logits f_c * head(x)_c, the linear head frozen, f (C,) learned from ones."""
+    """LWS: logits f_c * head(x)_c, the linear head frozen, f (C,) learned from ones. MiSLAS trains the
+    head too (`train_head`), at `head_lr` times the scales' learning rate (`lr_scales`)."""
 
-    def __init__(self, head: nn.Linear) -> None:
+    def __init__(self, head: nn.Linear, train_head: bool = False, head_lr: float = 1.0) -> None:
         super().__init__()
-        self.head = head.requires_grad_(False)
+        self.head = head.requires_grad_(train_head)
         self.scale = nn.Parameter(torch.ones(head.out_features))
+        self.head_lr = head_lr
+
+    def lr_scales(self) -> dict[int, float]:
+        """{id(parameter): lr factor} (livt.optim.param_groups): the head's parameters at `head_lr`."""
+        return {id(p): self.head_lr for p in self.head.parameters()}
 
     def forward(self, features: Tensor) -> Tensor:
         return self.head(features) * self.scale  # (B, C)
@@ -118,8 +128,13 @@ def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
     return head
 
 
-def stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
-    return model.get_classifier().requires_grad_(True)
+def mislas_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+    """The stage-1 head trained further, with learned per-class scales unless `decoupled.mislas_scales` is off."""
+    if not cfg.decoupled.mislas_scales:
+        return model.get_classifier().requires_grad_(True)
+    scaled = ClassScales(model.get_classifier(), train_head=True, head_lr=cfg.decoupled.mislas_head_lr)
+    set_head(model, scaled)
+    return scaled
 
 
 def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
@@ -129,8 +144,10 @@ def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Modul
 
 
 def fold_scales(model: nn.Module) -> nn.Module:
-    """A copy of an LWS model with its scales folded into a plain linear head."""
+    """A copy of an LWS model with its scales folded into a plain linear head (a model without them: itself)."""
     scaled = model.get_classifier()
+    if not isinstance(scaled, ClassScales):
+        return model
     out = copy.copy(model)  # shallow: shares the (frozen) backbone modules, gets its own head
     out._modules = dict(model._modules)
     set_head(out, scaled.folded())
@@ -206,19 +223,42 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, trai
 
 
 def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(C, D) L2-normalised mean of the L2-normalised features of each class."""
-    unit = F.normalize(feats, dim=1)
-    sums = torch.zeros(num_classes, feats.shape[1], dtype=unit.dtype).index_add_(0, labels, unit)
-    return F.normalize(sums / torch.bincount(labels, minlength=num_classes)[:, None], dim=1)
+    """(C, D) mean of the features of each class."""
+    sums = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype).index_add_(0, labels, feats)
+    return sums / torch.bincount(labels, minlength=num_classes)[:, None]
+
+
+def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, rule: str, scale: float) -> nn.Module:
+    """The NCM head of training features (N, D): `cl2n_l2` an NCMHead (centred and L2-normalised features,
+    Euclidean distance to their class means), `cosine` a CosineHead on the normalised class means of the
+    L2-normalised features."""
+    check_ncm_rule(rule)
+    if rule == "cosine":
+        head = CosineHead(feats.shape[1], num_classes, scale)
+        with torch.no_grad():
+            head.weight.copy_(F.normalize(class_means(F.normalize(feats, dim=1), labels, num_classes), dim=1))
+        return head
+    head = NCMHead(feats.shape[1], num_classes, scale)
+    mean = feats.mean(0)  # (D,)
+    with torch.no_grad():
+        head.mean.copy_(mean)
+        head.weight.copy_(class_means(F.normalize(feats - mean, dim=1), labels, num_classes))
+    return head
+
+
+NCM_RULES = ("cl2n_l2", "cosine")
+
+
+def check_ncm_rule(rule: str) -> None:
+    if rule not in NCM_RULES:
+        raise config_lib.ConfigError(f"--decoupled.ncm: no rule '{rule}'; choose one of {', '.join(NCM_RULES)}")
 
 
 def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
     feats, labels = features(accelerator, model, cfg, train)
-    head = CosineHead(feats.shape[1], model.num_classes, cfg.model.head_scale)
-    with torch.no_grad():
-        head.weight.copy_(class_means(feats, labels, model.num_classes))
-    return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
-                                                                              "images_seen": len(train)}
+    head = ncm_head(feats, labels, model.num_classes, cfg.decoupled.ncm, cfg.model.head_scale)
+    return head, {"rule": f"none: class means of the training features ({cfg.decoupled.ncm})"}, [], {
+        "epochs": 0, "steps": 0, "images_seen": len(train)}
 
 
 def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
@@ -245,7 +285,8 @@ class SecondStage:
     """One second stage: `trainable` makes the head what the method trains and returns the module to
     optimise, or `solve` computes the head from features -> (head, selection, log rows, budget); `export`
     turns the trained model into a plain classifier; `shift_bn` keeps BatchNorm in training mode;
-    `linear_head`: needs a stage-1 linear head; `needs_val`: uses a held-out val split."""
+    `linear_head`: needs a stage-1 linear head; `needs_val`: uses a held-out val split. `shift_bn` is
+    the method's; `decoupled.shift_bn` can turn it off (`shifts_bn`)."""
 
     summary: str
     trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
@@ -260,14 +301,18 @@ STAGES2: dict[str, SecondStage] = {
     "crt": SecondStage("classifier re-initialised and re-trained", trainable=new_head),
     "lws": SecondStage("per-class scales of the stage-1 head learned", trainable=learned_scales,
                        export=fold_scales, linear_head=True),
-    "mislas": SecondStage("stage-1 head re-trained, label-aware smoothing, shifted BN", trainable=stage1_head,
-                          shift_bn=True),
+    "mislas": SecondStage("stage-1 head re-trained with learned per-class scales, label-aware smoothing, "
+                          "shifted BN", trainable=mislas_head, export=fold_scales, shift_bn=True, linear_head=True),
     "tau_norm": SecondStage("stage-1 head rescaled w / ||w||^tau, tau chosen on val", solve=tau_norm,
                             linear_head=True, needs_val=True),
-    "ncm": SecondStage("nearest class mean of normalised features (cosine head)", solve=ncm),
+    "ncm": SecondStage("nearest class mean of centred, normalised features (decoupled.ncm)", solve=ncm),
     "afg": SecondStage("GLAG: stage-1 head re-trained on real + generated (calibrated Gaussian) features, "
                        "KD on head classes", solve=afg, linear_head=True, needs_val=True),
 }
+
+
+def shifts_bn(stage: SecondStage, cfg: config_lib.FinetuneConfig) -> bool:
+    return stage.shift_bn and cfg.decoupled.shift_bn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +330,7 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
                                      f"--pretrained / --from_scratch")
     stage = STAGES2[cfg.stage2]
+    check_ncm_rule(cfg.decoupled.ncm)
     if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
                                      f"got {cfg.optim.layer_decay}")
@@ -328,7 +374,7 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
         images, target = targets(images, labels)
         return criterion(net(images), target, trainer.plan.progress(step))
 
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, stage.shift_bn),
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, shifts_bn(stage, cfg)),
                              tuning.train_data(cfg, train, accelerator.device),
                              train.targets, train.num_classes, forward, optimize=optimize)
     return trainer
@@ -344,14 +390,14 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(describe(counts, train.name))
     model, meta1 = load_classifier(cfg.init_classifier)
     check_stage1(model, meta1, cfg, train.num_classes, counts)
-    n_bn = len(batchnorms(model)) if stage.shift_bn else 0
-    if stage.shift_bn:
+    n_bn = len(batchnorms(model)) if shifts_bn(stage, cfg) else 0
+    if shifts_bn(stage, cfg):
         accelerator.print(f"shifted BN: re-estimating the statistics of {n_bn} BatchNorm layers" if n_bn else
                           "shifted BN: the backbone has no BatchNorm layer (a ViT's LayerNorm keeps no "
                           "statistics), so nothing is re-estimated")
     info = {"stage2": {"name": cfg.stage2, "summary": stage.summary, "init_classifier": cfg.init_classifier,
                        "stage1_method": meta1.get("config", {}).get("method") or None,
-                       **({"shifted_bn_layers": n_bn} if stage.shift_bn else {})}}
+                       **({"shifted_bn_layers": n_bn} if shifts_bn(stage, cfg) else {})}}
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names)
     if stage.solve is not None:

@@ -21,6 +21,7 @@ from livt.data import build_dataset
 from livt.data.stats import class_counts
 from livt.losses import build_loss, las_epsilons
 from livt.models.heads import CosineHead
+from livt.optim import param_groups
 from tests.conftest import REPO
 from tests.test_resume import assert_same_tensors, launch, metrics
 
@@ -100,20 +101,44 @@ def test_tau_is_chosen_on_val_where_test_would_choose_another():
     assert grid[:3] == [0.0, 0.1, 0.2] and len(grid) == 21
 
 
-def test_ncm_means_by_hand_and_exact_on_separable_features():
-    feats = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [-1.0, 5.0]])
-    labels = torch.tensor([0, 0, 1, 1])
-    means = stages.class_means(feats, labels, 2)
-    # class 0: mean of (1, 0) and (1, 1)/sqrt2 points at 22.5 degrees
-    assert torch.allclose(means[0], torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8)]))
+# The official NCM (facebookresearch/classifier-balancing, commit f162ade: the centroids of
+# run_networks.py get_knncentroids, the logits of models/KNNClassifier.py with feat_type 'cl2n',
+# dist_type 'l2', i.e. -||(x - m) / ||x - m|| - c_k||^2), run in float64 on these features
+NCM_FEATS = [[2.0, 0.0, 1.0], [1.0, 1.0, 0.5], [3.0, -1.0, 0.0], [0.0, 3.0, 1.0], [-1.0, 5.0, 2.0],
+             [1.0, 1.0, 4.0], [0.5, 2.0, 3.0], [2.0, 0.0, 5.0], [0.0, 0.0, 2.0]]
+NCM_LABELS = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+NCM_TEST = [[1.0, 1.0, 1.0], [2.0, 2.0, 0.0], [0.0, 1.0, 2.0], [-1.0, 0.5, 0.5]]
+OFFICIAL_NCM_MEAN = [0.9444444444444444, 1.2222222222222223, 2.0555555555555554]
+OFFICIAL_NCM_LOGITS = [[-0.25109616505606014, -1.8679130312540293, -2.6581345856851875],
+                       [-0.6312709376703025, -1.3881219497800803, -2.778731746259716],
+                       [-2.297554555275232, -1.4521179808682638, -1.1609697658390972],
+                       [-1.3230628258975696, -1.4700420417166011, -1.9065389286786558]]
+
+
+def test_ncm_matches_the_official_cl2n_l2_logits_and_cosine_is_an_option():
+    feats, labels = torch.tensor(NCM_FEATS, dtype=torch.float64), torch.tensor(NCM_LABELS)
+    test = torch.tensor(NCM_TEST, dtype=torch.float64)
+    head = stages.ncm_head(feats, labels, 3, "cl2n_l2", scale=2.0).double()  # s / 2 = 1: the official logits
+    torch.testing.assert_close(head.mean, torch.tensor(OFFICIAL_NCM_MEAN, dtype=torch.float64))
+    torch.testing.assert_close(head(test), torch.tensor(OFFICIAL_NCM_LOGITS, dtype=torch.float64))
+    assert head(test).argmax(1).tolist() == [0, 0, 2, 0]
+    cosine = stages.ncm_head(feats, labels, 3, "cosine", scale=30.0).double()
+    assert isinstance(cosine, CosineHead) and cosine(test).argmax(1).tolist() == [0, 0, 2, 1]  # differs on the last
+    # cosine: class 0's normalised mean of (1, 0) and (1, 1) / sqrt 2 points at 22.5 degrees
+    two = stages.ncm_head(torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0, 1]), 2, "cosine",
+                          30.0)
+    assert torch.allclose(two.weight[0], torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8)]))
+    with pytest.raises(c.ConfigError, match="--decoupled.ncm: no rule 'l1'"):
+        stages.ncm_head(feats, labels, 3, "l1", 30.0)
+
+
+def test_ncm_heads_save_and_load_and_are_exact_on_separable_features(tmp_path):
     gen = torch.Generator().manual_seed(0)
     centres = torch.eye(8) * 5  # 8 classes in orthogonal directions, magnitudes and noise of their own
     y = torch.arange(8).repeat_interleave(30)
     x = centres[y] * torch.rand(len(y), 1, generator=gen).add(0.5) + 0.3 * torch.randn(len(y), 8, generator=gen)
-    head = CosineHead(8, 8)
-    with torch.no_grad():
-        head.weight.copy_(stages.class_means(x, y, 8))
-    assert torch.equal(head(x).argmax(1), y)
+    for rule in stages.NCM_RULES:
+        assert torch.equal(stages.ncm_head(x, y, 8, rule, 30.0)(x).argmax(1), y), rule
 
 
 def test_lws_folded_head_is_the_scaled_head():
@@ -130,9 +155,9 @@ def test_lws_folded_head_is_the_scaled_head():
 # What stays frozen: a timm ResNet with BatchNorm (buffers), trained through the real stage-2 Trainer
 
 
-def _resnet_stage(tmp_path, method):
+def _resnet_stage(tmp_path, method, *extra):
     cfg = c.parse_args("finetune", ["--data", "tiny", "--method", method, "--optim.epochs", "1",
-                                    "--output_dir", str(tmp_path), "--run_name", method])
+                                    "--output_dir", str(tmp_path), "--run_name", method, *extra])
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
     model.train()  # a few batches so the BN statistics are not their initial values
@@ -159,7 +184,8 @@ def _resnet_stage(tmp_path, method):
 def test_decoupled_stages_leave_every_backbone_parameter_and_buffer_bitwise_unchanged(tmp_path, method):
     before, after, changed = _resnet_stage(tmp_path, method)
     assert any(k.endswith("running_mean") for k in before)  # the model does have BN buffers
-    assert changed == {"fc.weight", "fc.bias"} and after.keys() - before.keys() == set()  # only the head
+    assert changed == {"fc.weight", "fc.bias"}  # only the head
+    assert after.keys() - before.keys() == ({"fc.mean"} if method == "ncm" else set())  # NCM: its feature mean
 
 
 def test_mislas_shifted_bn_changes_only_bn_running_statistics_and_the_head(tmp_path):
@@ -169,6 +195,33 @@ def test_mislas_shifted_bn_changes_only_bn_running_statistics_and_the_head(tmp_p
     bn_affine = [k for k in before
                  if k.rsplit(".", 1)[0] + ".running_mean" in before and k.endswith(("weight", "bias"))]
     assert bn_affine and all(torch.equal(before[k], after[k]) for k in bn_affine)
+    _, _, changed = _resnet_stage(tmp_path / "no_shift", "mislas", "--decoupled.shift_bn", "false")
+    assert changed == {"fc.weight", "fc.bias"}  # the official CIFAR-10 configs: BN statistics kept
+
+
+def test_mislas_trains_head_and_scales_at_the_official_learning_rates():
+    # dvlab-research/MiSLAS train_stage2.py (commit 0fc381e): SGD over the classifier at lr_factor * lr and
+    # LearnableWeightScaling (ones(1, C)) at lr, outputs learned_norm * classifier(feat)
+    cfg = c.parse_args("finetune", ["--data", "tiny", "--method", "mislas", "--decoupled.mislas_head_lr", "0.2"])
+    model = torch.nn.Sequential()
+    model.num_features, model.num_classes = 4, 3
+    model.fc = torch.nn.Linear(4, 3)
+    model.get_classifier = lambda: model.fc
+    scaled = stages.mislas_head(model, cfg)
+    assert model.fc is scaled and scaled.head.weight.requires_grad and scaled.scale.requires_grad
+    groups = {round(g["lr_scale"], 6): {id(p) for p in g["params"]}
+              for g in param_groups(scaled, cfg.optim.weight_decay, decay_all=True)}
+    assert groups == {0.2: {id(scaled.head.weight), id(scaled.head.bias)}, 1.0: {id(scaled.scale)}}
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        scaled.scale.copy_(torch.tensor([0.5, 2.0, 1.5]))
+    torch.testing.assert_close(stages.fold_scales(model).fc(x), scaled(x))
+    recipe = c.parse_args("finetune", ["--data", "tiny", "--method", "mislas"])
+    assert recipe.loss.las_shape == "concave" and recipe.loss.las_spread == "code" and recipe.decoupled.mislas_scales
+    cifar10 = c.parse_args("finetune", ["--data", "cifar10_lt", "--method", "mislas"])
+    assert not cifar10.decoupled.shift_bn and cifar10.decoupled.mislas_head_lr == 0.5
+    cifar100 = c.parse_args("finetune", ["--data", "cifar100_lt", "--method", "mislas"])
+    assert cifar100.decoupled.shift_bn and (cifar100.loss.las_head, cifar100.loss.las_tail) == (0.4, 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +261,7 @@ def test_each_second_stage_end_to_end_after_its_stage1(tmp_path, stage1, monkeyp
     assert all(torch.equal(new[k], old[k]) for k in backbone)  # a ViT has no BN: MiSLAS too leaves it
     data = c.parse_args("finetune", ["--data", "tiny"]).data
     if method == "mislas":
-        assert results["stage2"]["shifted_bn_layers"] == 0
+        assert results["stage2"]["shifted_bn_layers"] == 0  # tiny's top level: shifted BN on (a ViT: none)
     if method == "ncm":
         assert seen == [build_dataset(data, "train").name] and results["budget"]["images_seen"] == 85
     if method == "tau_norm":  # tau from the val split's features alone, never the test split's
