@@ -140,10 +140,10 @@ class ModelConfig:
     """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge | resnet32 | resnet50 |
     resnext50_32x4d (see livt.models.BACKBONES; the CNNs train --from_scratch)"""
     head: str = "linear"
-    """classifier head (fine-tuning): linear | cosine (livt.models.heads.HEADS) | reslt (three branches, one
+    """classifier head (fine-tuning): linear | cosine | ncm (livt.models.heads.HEADS) | reslt (three branches, one
     shared classifier) | sade (three experts over shared layers) (livt.models.MODULES)"""
     head_scale: float = 30.0
-    """scale s of the cosine head: logits = s * cos(w_c, x)"""
+    """scale s of the cosine head (logits = s * cos(w_c, x)) and of the ncm head (-s/2 * squared distance)"""
     patch_size: int = 16
     """patch size (ViT-H: 14; small images: 4 or 8)"""
     drop_path_rate: float = 0.0
