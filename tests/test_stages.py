@@ -199,6 +199,18 @@ def test_mislas_shifted_bn_changes_only_bn_running_statistics_and_the_head(tmp_p
     assert changed == {"fc.weight", "fc.bias"}  # the official CIFAR-10 configs: BN statistics kept
 
 
+def test_mislas_recipe_loss_equals_the_official_label_aware_smoothing():
+    # dvlab-research/MiSLAS methods.py LabelAwareSmoothing (commit 0fc381e; shape 'concave', the default
+    # train_stage2.py uses), smooth_head 0.3, smooth_tail 0.0, CIFAR-10-LT x100 counts, its eps table in float64
+    recipe = c.parse_args("finetune", ["--data", "tiny", "--method", "mislas"]).loss
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    logits = torch.tensor([[((i * 7 + j * 3) % 11 - 5) * 0.7 for j in range(10)] for i in range(4)],
+                          dtype=torch.float64)
+    loss = build_loss("label_aware_smoothing", counts, head=recipe.las_head, tail=recipe.las_tail,
+                      shape=recipe.las_shape, spread=recipe.las_spread)(logits, torch.tensor([0, 3, 9, 5]))
+    assert loss.item() == pytest.approx(4.576292430423996, rel=1e-7)  # livt keeps the eps table in float32
+
+
 def test_mislas_trains_head_and_scales_at_the_official_learning_rates():
     # dvlab-research/MiSLAS train_stage2.py (commit 0fc381e): SGD over the classifier at lr_factor * lr and
     # LearnableWeightScaling (ones(1, C)) at lr, outputs learned_norm * classifier(feat)
@@ -284,6 +296,8 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
                               "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
         finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
+    with pytest.raises(c.ConfigError, match="--decoupled.ncm: no rule 'l1'; choose one of cl2n_l2, cosine"):
+        finetune.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")), "--decoupled.ncm", "l1"])
 
 
 # ---------------------------------------------------------------------------------------------
