@@ -234,11 +234,11 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, rule: str, scale: 
     L2-normalised features."""
     check_ncm_rule(rule)
     if rule == "cosine":
-        head = CosineHead(feats.shape[1], num_classes, scale)
+        head = CosineHead(feats.shape[1], num_classes, scale).to(feats.dtype)
         with torch.no_grad():
             head.weight.copy_(F.normalize(class_means(F.normalize(feats, dim=1), labels, num_classes), dim=1))
         return head
-    head = NCMHead(feats.shape[1], num_classes, scale)
+    head = NCMHead(feats.shape[1], num_classes, scale).to(feats.dtype)  # the features' precision
     mean = feats.mean(0)  # (D,)
     with torch.no_grad():
         head.mean.copy_(mean)

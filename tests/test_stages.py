@@ -118,11 +118,12 @@ OFFICIAL_NCM_LOGITS = [[-0.25109616505606014, -1.8679130312540293, -2.6581345856
 def test_ncm_matches_the_official_cl2n_l2_logits_and_cosine_is_an_option():
     feats, labels = torch.tensor(NCM_FEATS, dtype=torch.float64), torch.tensor(NCM_LABELS)
     test = torch.tensor(NCM_TEST, dtype=torch.float64)
-    head = stages.ncm_head(feats, labels, 3, "cl2n_l2", scale=2.0).double()  # s / 2 = 1: the official logits
-    torch.testing.assert_close(head.mean, torch.tensor(OFFICIAL_NCM_MEAN, dtype=torch.float64))
-    torch.testing.assert_close(head(test), torch.tensor(OFFICIAL_NCM_LOGITS, dtype=torch.float64))
+    head = stages.ncm_head(feats, labels, 3, "cl2n_l2", scale=2.0)  # s / 2 = 1: the official logits
+    exact = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(head.mean, torch.tensor(OFFICIAL_NCM_MEAN, dtype=torch.float64), **exact)
+    torch.testing.assert_close(head(test), torch.tensor(OFFICIAL_NCM_LOGITS, dtype=torch.float64), **exact)
     assert head(test).argmax(1).tolist() == [0, 0, 2, 0]
-    cosine = stages.ncm_head(feats, labels, 3, "cosine", scale=30.0).double()
+    cosine = stages.ncm_head(feats, labels, 3, "cosine", scale=30.0)
     assert isinstance(cosine, CosineHead) and cosine(test).argmax(1).tolist() == [0, 0, 2, 1]  # differs on the last
     # cosine: class 0's normalised mean of (1, 0) and (1, 1) / sqrt 2 points at 22.5 degrees
     two = stages.ncm_head(torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0, 1]), 2, "cosine",
