@@ -8,7 +8,7 @@ Resumable training states are Accelerate's business, not this module's.
 
 Metadata (all strings): format_version, kind, arch (JSON; a ViT: name, embed_dim, depth, num_heads,
 patch_size, img_size, num_classes, global_pool; a CNN: name, img_size, num_classes; a classifier adds
-head and, for the cosine head, head_scale), and the caller's extras as JSON (config, class_counts,
+head and, for the cosine and ncm heads, head_scale), and the caller's extras as JSON (config, class_counts,
 class_names, dataset, ...).
 """
 
@@ -217,7 +217,7 @@ def arch_of(model_or_meta: nn.Module | dict[str, Any]) -> dict[str, Any]:
     if model.num_classes:
         head = model.get_classifier()
         arch["head"] = head_name(head)
-        if arch["head"] in ("cosine", "ncm"):
+        if arch["head"] != "linear":
             arch["head_scale"] = head.scale
     return arch
 

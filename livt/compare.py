@@ -3,6 +3,8 @@
     livt compare --data tiny --methods ce,bal_ce,bal_bce --seeds 0          # seconds on a CPU
     livt compare --data cifar10_lt --methods ce,bal_bce,resnet_ce,ldam_drw --seeds 0,1,2 \\
         --pretrained mgp --jobs 2 -- --data.root ../shared/data/cifar10
+    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \\
+        --vary loss.tau=0.5,1,2 --dry-run -- --data.root ../shared/data/cifar10     # the plan, nothing run
     livt compare --list                                                     # the methods, family, paper
 
 Each (method, seed) is one fine-tuning run in its own process (`livt finetune --data D --method M --seed S
@@ -22,8 +24,17 @@ With `--relative`, the balanced variant of the same data (`--data.balanced true`
 for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
 A_r = A_t / max(A_v, A_b).
 
+Devices: each run gets its own GPUs (`--gpus 0,1,2,3`, default all visible; `--gpus-per-run K`, K > 1 through
+`accelerate launch --num_processes K`, same effective batch: the micro-batch per process is lowered only where
+it must be) through CUDA_VISIBLE_DEVICES; on a CPU-only machine runs go on the CPU as before. `--dry-run`
+prints the plan (every run, reused / resumed / stale, its command, devices and dependencies) and runs nothing.
+`--vary loss.tau=0.5,1,2` (repeatable: every combination) makes one row per value for each method
+(`bal_bce[tau=0.5]`); a varied data.* / model.* key applies to a row's whole chain, any other key only to the
+row's own run, so stage-1 and pretraining runs stay shared.
+
 The table is rebuilt from what the runs wrote (test_results.json, test_per_class.csv), never from memory:
-`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, and `<out>/logs/<run>.log`.
+`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, `<out>/logs/<run>.log`, and
+`<out>/logs/jobs.json` (what ran where: status, devices, times, command of every run).
 """
 
 from __future__ import annotations
@@ -31,10 +42,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from livt import config as config_lib
-from livt.engine import provenance
+from livt.engine import provenance, state_dirs
 
 PRETRAIN_SHARED = ("data.", "model.name", "model.patch_size")  # shared overrides pretraining also takes
 METRICS = ("top1", "many", "medium", "few", "head", "tail", "ece", "mce", "nll")
@@ -63,21 +76,40 @@ class Job:
     deps: list[str] = field(default_factory=list)
     status: str = "pending"  # pending | running | done | reused | failed
     error: str = ""
+    note: str = ""  # what `classify` found in the run directory: stale, resume from a saved state
     proc: subprocess.Popen | None = None
-    started: float = 0.0
+    started: float = 0.0  # wall clock (time.time()) of the launch and of the end
+    ended: float = 0.0
+    devices: list[str] = field(default_factory=list)  # the GPU ids it ran on (CUDA_VISIBLE_DEVICES)
     log: Path | None = None
+
+    @property
+    def done_file(self) -> Path:
+        return Path(self.key) / ("encoder.safetensors" if self.stage == "pretrain" else "test_results.json")
 
 
 @dataclass
 class Row:
     """One (method, seed) of the table, with the jobs it needs (its own last)."""
 
-    method: str
+    method: str  # the row's name: METHOD[@scratch][key=value,...] (--vary)
     seed: int
     balanced: bool = False
     jobs: list[str] = field(default_factory=list)
     error: str = ""
     cnn: bool = False
+
+
+@dataclass
+class Comparison:
+    """The plan of a comparison: its jobs (one per run directory) and its rows. Both launchers (this
+    module's `run_jobs` on one machine, livt.cluster on SLURM) run `jobs` and build the table from `rows`."""
+
+    jobs: dict[str, Job]
+    rows: list[Row]
+    ce_of: dict[str, str]  # --relative: the plain-CE row of each row's backbone
+    seeds: list[int]
+    processes: int = 1  # processes per run (--gpus-per-run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,19 +120,68 @@ def is_cnn(cfg: config_lib.FinetuneConfig) -> bool:
     return not cfg.model.name.startswith("vit")
 
 
+CHAIN = ("data.", "model.")  # --vary keys every stage of a row must share (its stage 1 and pretraining too)
+
+
+def label(spec: str, combo: tuple[tuple[str, str], ...]) -> str:
+    """bal_bce + ((loss.tau, 0.5),) -> 'bal_bce[tau=0.5]'."""
+    return spec + ("[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in combo) + "]" if combo else "")
+
+
+def base_method(name: str) -> str:
+    return name.split("[")[0].removesuffix(SCRATCH)
+
+
+def tokens(combo) -> list[str]:
+    return [tok for k, v in combo for tok in (f"--{k}", v)]
+
+
 class Planner:
-    def __init__(self, args: argparse.Namespace, shared: list[str]) -> None:
-        self.args, self.shared = args, shared
+    def __init__(self, args: argparse.Namespace, shared: list[str], processes: int = 1) -> None:
+        self.args, self.shared, self.processes = args, shared, processes
         self.jobs: dict[str, Job] = {}
-        self.encoder: str | None = None  # the ViT encoder file ViT methods start from
 
     def add(self, job: Job) -> str:
         self.jobs.setdefault(job.key, job)
         return job.key
 
-    def finetune_argv(self, method: str, seed: int, balanced: bool, scratch: bool) -> list[str]:
+    def fit_processes(self, stage: str, argv: list[str]) -> list[str]:
+        """With K processes per run the effective batch stays optim.batch_size: the micro-batch per process
+        is lowered (to a divisor) only where data.batch_size x K does not divide it."""
+        if self.processes == 1:
+            return argv
+        cfg, k = config_lib.parse_args(stage, argv), self.processes
+        batch, micro = cfg.optim.batch_size, cfg.data.batch_size
+        if batch % k:
+            raise config_lib.ConfigError(f"--gpus-per-run {k}: optim.batch_size {batch} is not a multiple of {k}")
+        if (batch // k) % micro:
+            micro = max(d for d in range(1, micro + 1) if (batch // k) % d == 0)
+            argv = [*argv, "--data.batch_size", str(micro)]
+        return argv
+
+    def encoder(self, chain_combo: tuple) -> tuple[str | None, str]:
+        """The encoder file ViT rows start from and the job that makes it ('' when none)."""
+        if self.args.pretrained != "mgp":
+            return self.args.pretrained or None, ""
+        key = self.pretrain_job(tokens(chain_combo))
+        return str(Path(key) / "encoder.safetensors"), key
+
+    def pretrain_job(self, extra: list[str] = ()) -> str:
+        """The dataset's MGP pretraining (seed 0, shared by every ViT row), with the shared (and varied)
+        data.* and model size / patch overrides, then --pretrain-args."""
+        keep = [tok for flag, *value in flag_groups([*self.shared, *extra])
+                if flag.split("=")[0].removeprefix("--").replace("-", "_").startswith(PRETRAIN_SHARED)
+                for tok in (flag, *value)]
+        argv = ["--data", self.args.data, "--output_dir", self.args.output_dir, *keep,
+                *shlex.split(self.args.pretrain_args)]
+        argv = self.fit_processes("pretrain", argv)
+        run_dir = config_lib.run_dir(config_lib.parse_args("pretrain", argv), "pretrain")
+        return self.add(Job(str(run_dir), argv, stage="pretrain"))
+
+    def finetune_argv(self, method: str, seed: int, balanced: bool, scratch: bool, extra: list[str],
+                      encoder: str | None) -> list[str]:
         argv = ["--data", self.args.data, "--method", method, "--seed", str(seed),
-                "--output_dir", self.args.output_dir, *self.shared]
+                "--output_dir", self.args.output_dir, *self.shared, *extra]
         if balanced:
             argv += ["--data.balanced", "true"]
         if self.args.epochs:
@@ -108,49 +189,60 @@ class Planner:
         cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
         if not (cfg.from_scratch or cfg.pretrained or cfg.init_classifier or cfg.stage2):  # a second stage
             # starts from its stage 1's classifier (--init_classifier, added by `row`), nothing else
-            if is_cnn(cfg) or scratch or self.encoder is None:
+            if is_cnn(cfg) or scratch or encoder is None:
                 argv += ["--from_scratch"]
             else:
-                argv += ["--pretrained", self.encoder]
+                argv += ["--pretrained", encoder]
         return argv
 
-    def pretrain_job(self) -> str:
-        """The dataset's MGP pretraining (seed 0, shared by every ViT row), with the shared data.* and
-        model size / patch overrides, then --pretrain-args."""
-        keep = [tok for flag, *value in flag_groups(self.shared)
-                if flag.split("=")[0].removeprefix("--").replace("-", "_").startswith(PRETRAIN_SHARED)
-                for tok in (flag, *value)]
-        argv = ["--data", self.args.data, "--output_dir", self.args.output_dir, *keep,
-                *shlex.split(self.args.pretrain_args)]
-        cfg = config_lib.parse_args("pretrain", argv)
-        run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, "pretrain")
-        self.encoder = str(run_dir / "encoder.safetensors")
-        return self.add(Job(str(run_dir), argv, stage="pretrain"))
-
-    def row(self, spec: str, seed: int, balanced: bool = False, deps: tuple[str, ...] = ()) -> Row:
+    def row(self, spec: str, seed: int, balanced: bool = False, deps: tuple[str, ...] = (),
+            combo: tuple[tuple[str, str], ...] = ()) -> Row:
+        """The jobs of one row. A varied data.* / model.* key applies to the whole chain (stage 1 and
+        pretraining must see the same data and backbone); any other varied key only to the row's own run,
+        so stage-1 and pretraining runs stay shared between the values."""
         scratch = spec.endswith(SCRATCH)
         method = spec.removesuffix(SCRATCH)
-        row = Row(spec, seed, balanced)
+        row = Row(label(spec, combo), seed, balanced)
+        chain_combo = tuple((k, v) for k, v in combo if k.startswith(CHAIN))
         try:
             _, _, about, _ = config_lib.read_method(method)
             chain = []
             if about.get("stage1"):  # stage 1 -> stage 2: the stage-2 run starts from stage 1's classifier
-                stage1 = self.row(f"{about['stage1']}{SCRATCH if scratch else ''}", seed, balanced, deps)
+                stage1 = self.row(f"{about['stage1']}{SCRATCH if scratch else ''}", seed, balanced, deps,
+                                  chain_combo)
                 if stage1.error:
                     raise RuntimeError(f"stage 1 ({about['stage1']}): {stage1.error}")
                 chain = stage1.jobs
-            argv = self.finetune_argv(method, seed, balanced, scratch)
+            encoder, pretrain_key = self.encoder(chain_combo)
+            argv = self.finetune_argv(method, seed, balanced, scratch, tokens(combo), encoder)
             if chain:
                 argv += ["--init_classifier", str(Path(chain[-1]) / "classifier.safetensors")]
+            argv = self.fit_processes("finetune", argv)
             cfg = config_lib.parse_args("finetune", argv)
             row.cnn = is_cnn(cfg)
-            run_dir = str(Path(cfg.output_dir) / config_lib.run_name(cfg, "finetune"))
-            needs = list(deps) + chain[-1:] + ([self.args.pretrain_key] if "--pretrained" in argv and
-                                               self.args.pretrain_key else [])
+            run_dir = str(config_lib.run_dir(cfg, "finetune"))
+            needs = list(deps) + chain[-1:] + ([pretrain_key] if "--pretrained" in argv and pretrain_key else [])
             row.jobs = chain + [self.add(Job(run_dir, argv, deps=needs))]
         except (config_lib.ConfigError, ValueError, RuntimeError, OSError) as e:
             row.error = str(e).splitlines()[0][:300]
         return row
+
+
+def plan(args: argparse.Namespace, shared: list[str], methods: list[str], seeds: list[int],
+         combos: list[tuple], processes: int = 1) -> Comparison:
+    """Every job and row of the comparison (the one planning step of both launchers)."""
+    planner = Planner(args, shared, processes)
+    rows = [planner.row(m, s, combo=c) for m in methods for c in combos for s in seeds]
+    ce_of: dict[str, str] = {}
+    if args.relative:
+        ce = {}
+        for m in methods:  # A_v: plain CE on the same backbone family
+            cnn = any(r.method.startswith(m) and r.cnn for r in rows)
+            ce[m] = "resnet_ce" if cnn else ("ce@scratch" if m.endswith(SCRATCH) else "ce")
+            ce_of.update({label(m, c): label(ce[m], c) for c in combos})
+        for m in dict.fromkeys(methods + list(ce.values())):
+            rows += [planner.row(m, s, balanced=True, combo=c) for c in combos for s in seeds]
+    return Comparison(planner.jobs, rows, ce_of, seeds, processes)
 
 
 def compressed_schedule(optim: config_lib.OptimConfig, epochs: int) -> list[str]:
@@ -192,6 +284,120 @@ def is_stale(results: dict, commit: str | None) -> bool:
     return commit is None or prov.get("git_commit") != commit or bool(prov.get("git_dirty"))
 
 
+def classify(jobs: dict[str, Job], commit: str | None, rerun_stale: bool) -> None:
+    """What each run directory already holds: a finished run is reused (`note` says when it is stale; with
+    `rerun_stale` it runs again, --overwrite), an interrupted one resumes from its last saved state."""
+    for job in jobs.values():
+        if job.done_file.is_file():
+            stale = job.stage == "finetune" and is_stale(results_of(job.key) or {}, commit)
+            job.note = "stale: another commit" if stale else ""
+            if stale and rerun_stale:
+                job.argv, job.note = [*job.argv, "--overwrite"], "stale: another commit, run again"
+            else:
+                job.status = "reused"
+        elif state_dirs(Path(job.key)):
+            job.note = f"resume from {state_dirs(Path(job.key))[-1].name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+@dataclass
+class Devices:
+    """The GPU ids runs may use (CUDA_VISIBLE_DEVICES values; empty on a CPU-only machine), handed out in
+    disjoint sets of `per_run`. `cpu`: the ids are pretended (LIVT_FAKE_GPUS, tests) and runs go on the CPU."""
+
+    ids: list[str] = field(default_factory=list)
+    per_run: int = 1
+    cpu: bool = True
+    free: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = list(self.ids)
+
+    @property
+    def slots(self) -> int:
+        return len(self.ids) // self.per_run if self.ids else 1
+
+    def take(self) -> list[str] | None:
+        if not self.ids:
+            return []
+        if len(self.free) < self.per_run:
+            return None
+        taken, self.free = self.free[:self.per_run], self.free[self.per_run:]
+        return taken
+
+    def give(self, ids: list[str]) -> None:
+        self.free += ids
+
+
+FAKE_GPUS = "LIVT_FAKE_GPUS"  # test hook: pretend this many GPUs (ids 0..N-1); their runs go on the CPU
+
+
+def visible_gpus() -> tuple[list[str], bool]:
+    """The GPU ids this process may hand out, and whether they are pretended (FAKE_GPUS)."""
+    if os.environ.get(FAKE_GPUS):
+        return [str(i) for i in range(int(os.environ[FAKE_GPUS]))], True
+    import torch
+
+    n = torch.cuda.device_count()
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (given[:n] if given else [str(i) for i in range(n)]), False
+
+
+def devices_of(gpus: str, per_run: int) -> Devices:
+    """--gpus / --gpus-per-run checked against the visible GPUs (SystemExit naming the option)."""
+    visible, fake = visible_gpus()
+    ids = visible
+    if gpus:
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        unknown = [g for g in ids if g not in visible]
+        if unknown:
+            raise SystemExit(f"livt compare: --gpus {gpus}: no GPU {', '.join(unknown)} on this machine "
+                             f"(visible: {','.join(visible) or 'none'})")
+        if len(set(ids)) != len(ids):
+            raise SystemExit(f"livt compare: --gpus {gpus}: an id is given twice")
+    if per_run < 1:
+        raise SystemExit(f"livt compare: --gpus-per-run must be >= 1, got {per_run}")
+    if per_run > max(1, len(ids)):
+        raise SystemExit(f"livt compare: --gpus-per-run {per_run} is larger than the pool of {len(ids)} GPUs "
+                         f"({'--gpus ' + gpus if gpus else 'all visible'})")
+    return Devices(ids, per_run, cpu=fake or not ids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(job: Job, processes: int = 1, port: int | None = None) -> list[str]:
+    """The command line of `job`: `python -m livt.cli STAGE ARGV --resume auto`, through `accelerate launch`
+    (torchrun's launcher) with `processes` processes when there are several; its environment: `job_env`."""
+    cli = ["-m", "livt.cli", job.stage, *job.argv, "--resume", "auto"]
+    if processes == 1:
+        return [sys.executable, *cli]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if port is not None:
+        launch += ["--main_process_port", str(port)]  # concurrent runs on one node: one port each
+    return [*launch, *cli]
+
+
+def job_env(ids: list[str], processes: int = 1, cpu: bool = False) -> dict[str, str]:
+    """What a job's environment adds: its GPUs, and for several processes on the CPU (pretended GPUs)
+    ACCELERATE_USE_CPU, which makes the launched processes one gloo group on the CPU (`accelerate launch --cpu`
+    would start a single process without MPI)."""
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if ids else {}
+    return {**env, "ACCELERATE_USE_CPU": "true"} if cpu and processes > 1 else env
+
+
+def shown(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in (env or {}).items()),
+                     *(shlex.quote(c) for c in cmd)]).replace(shlex.quote(sys.executable), "python")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -200,22 +406,47 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: bool) -> None:
-    """Run the pending jobs, dependencies first, at most `n_parallel` at once; one line per event."""
-    commit = current_commit()
+def dry_run(cmp: Comparison, devices: Devices, n_parallel: int, rerun_stale: bool) -> None:
+    """Print every job (run / resume / reuse, stale or not), its command, devices and dependencies."""
+    classify(cmp.jobs, current_commit(), rerun_stale)
+    todo = [j for j in cmp.jobs.values() if j.status == "pending"]
+    pool = (f"GPUs {','.join(devices.ids)}{' (pretended, on the CPU)' if devices.cpu else ''}, "
+            f"{devices.per_run} per run" if devices.ids else "CPU")
+    say(f"plan: {len(cmp.jobs)} runs for {len(cmp.rows)} rows: {len(todo)} to run, "
+        f"{len(cmp.jobs) - len(todo)} reused; {pool}, {n_parallel} at once")
+    serves: dict[str, list[str]] = {}
+    for row in cmp.rows:
+        for key in row.jobs:
+            serves.setdefault(key, []).append(f"{row.method}{' (balanced data)' if row.balanced else ''} "
+                                              f"seed {row.seed}")
+    for job in cmp.jobs.values():
+        what = "reuse" if job.status == "reused" else "resume" if job.note.startswith("resume") else "run"
+        say(f"{what:8s} {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}"
+            f"  <- {', '.join(serves.get(job.key, ['pretraining']))}")
+        if job.status == "pending":
+            gpus = f"any {devices.per_run} of {','.join(devices.ids)}" if devices.ids else "CPU"
+            say(f"    devices: {gpus}; after: {', '.join(Path(d).name for d in job.deps) or '-'}")
+            k = devices.per_run if devices.ids else 1
+            say(f"    {shown(command(job, k), job_env([], k, devices.cpu))}")
+    for row in cmp.rows:
+        if row.error:
+            say(f"failed   {row.method} seed {row.seed}: {row.error}")
+
+
+def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: bool,
+             devices: Devices | None = None) -> None:
+    """Run the pending jobs, dependencies first, at most `n_parallel` at once, each on its own devices;
+    one line per event."""
+    devices = devices or Devices()
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if n_parallel > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
+    processes = devices.per_run if devices.ids else 1
+    if n_parallel * processes > 1 and "OMP_NUM_THREADS" not in env:  # share the cores, not oversubscribe
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (n_parallel * processes)))
+    classify(jobs, current_commit(), rerun_stale)
     for job in jobs.values():
-        done_file = Path(job.key) / ("encoder.safetensors" if job.stage == "pretrain" else "test_results.json")
-        if done_file.is_file():
-            stale = job.stage == "finetune" and is_stale(results_of(job.key) or {}, commit)
-            if stale and rerun_stale:
-                job.argv = [*job.argv, "--overwrite"]
-            else:
-                job.status = "reused"
-                say(f"reused   {Path(job.key).name}{' (stale: another commit)' if stale else ''}")
+        if job.status == "reused":
+            say(f"reused   {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}")
     total = sum(j.status == "pending" for j in jobs.values())
     finished = 0
     while True:
@@ -225,12 +456,18 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
             if code is None:
                 continue
             finished += 1
-            elapsed = time.perf_counter() - job.started
+            job.ended = time.time()
+            devices.give(job.devices)
+            elapsed = job.ended - job.started
+            if code == 0 and not job.done_file.is_file():  # never trust a prediction silently
+                code = -1
+                job.error = (f"finished without writing {job.done_file}: the run chose another directory than "
+                             f"the planned one (a livt bug; see {job.log})")
             if code == 0:
                 job.status = "done"
                 say(f"done     [{finished}/{total}] {Path(job.key).name} in {elapsed:.0f} s")
             else:
-                job.status, job.error = "failed", last_error(job.log, code)
+                job.status, job.error = "failed", job.error or last_error(job.log, code)
                 say(f"failed   [{finished}/{total}] {Path(job.key).name}: {job.error} (log: {job.log})")
         pending = [j for j in jobs.values() if j.status == "pending"]
         for job in pending:
@@ -241,18 +478,28 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
                 say(f"failed   [{finished}/{total}] {Path(job.key).name}: {job.error}")
             elif all(s in ("done", "reused") for s in dep_status) and \
                     sum(j.status == "running" for j in jobs.values()) < n_parallel:
-                job.log = logs / f"{Path(job.key).name}.log"
-                cmd = [sys.executable, "-m", "livt.cli", job.stage, *job.argv, "--resume", "auto"]
-                with open(job.log, "w") as f:
-                    f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-                    f.flush()
-                    job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env)
-                job.status, job.started = "running", time.perf_counter()
-                say(f"running  {Path(job.key).name} ({job.stage})")
+                ids = devices.take()
+                if ids is None:
+                    break
+                launch(job, ids, processes, devices.cpu, logs, env)
+                job.status = "running"
+                on = f" on GPU {','.join(ids)}" if ids else ""
+                say(f"running  {Path(job.key).name} ({job.stage}{on}{', ' + job.note if job.note else ''})")
         if not any(j.status in ("pending", "running") for j in jobs.values()):
             return
         time.sleep(0.2)
+
+
+def launch(job: Job, ids: list[str], processes: int, cpu: bool, logs: Path, env: dict[str, str]) -> None:
+    """Start `job` on the GPUs `ids` (CUDA_VISIBLE_DEVICES), its output into its log."""
+    job.log, job.devices, job.started = logs / f"{Path(job.key).name}.log", ids, time.time()
+    extra = job_env(ids, processes, cpu)
+    cmd = command(job, processes, free_port() if processes > 1 else None)
+    with open(job.log, "w") as f:
+        f.write(shown(cmd, extra) + "\n")
+        f.flush()
+        job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**env, **extra})
 
 
 def last_error(log: Path | None, code: int) -> str:
@@ -333,7 +580,7 @@ def build_table(rows: list[Row], jobs: dict[str, Job], commit: str | None) -> li
             records.append(rec)
             seeds.append(row.seed)
         entry: dict[str, Any] = {"method": method + (" (balanced data)" if balanced else ""),
-                                 "method_name": method.removesuffix(SCRATCH), "balanced": balanced,
+                                 "method_name": base_method(method), "balanced": balanced,
                                  "seeds": seeds, "n_failed": len(errors), "errors": errors, "stale": stale,
                                  "per_seed_top1": [r["top1"] for r in records]}
         for m in (*METRICS, "posthoc_top1", "transductive_top1"):
@@ -445,8 +692,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data", default="demo", help="dataset preset (configs/finetune/NAME.yaml)")
     p.add_argument("--methods", default="", help="comma-separated method names (METHOD@scratch: ViT from scratch)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at once (each gets cores / jobs threads; on a small CPU, 1 is fastest)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="runs at once (default: one per GPU slot, 1 on a CPU; on a CPU each gets cores / jobs "
+                        "threads, and on a small CPU 1 is fastest)")
+    p.add_argument("--gpus", default="", help="GPU ids the runs may use, e.g. 0,1,2,3 (default: all visible)")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run; K > 1 runs through `accelerate launch --num_processes K` (same effective "
+                        "batch)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one row per value for each method, e.g. loss.tau=0.5,1,2 (several: every combination)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every job (run, resume, reuse), its command, devices and dependencies; run nothing")
     p.add_argument("--epochs", type=int, default=0,
                    help="compress every run's schedule to this many fine-tuning epochs")
     p.add_argument("--pretrained", default="", help="ViT encoder file, or 'mgp' to pretrain first ('' = scratch)")
@@ -458,6 +714,62 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     args = p.parse_args(argv)
     return args, shared
+
+
+def parse_vary(specs: list[str], data: str) -> list[tuple[tuple[str, str], ...]]:
+    """--vary KEY=V1,V2 (repeatable) -> every combination of values, each value checked by the config
+    parser (SystemExit naming the option on an unknown key or a value of the wrong type)."""
+    axes = []
+    for spec in specs:
+        key, eq, values = spec.partition("=")
+        key = key.strip().removeprefix("--").replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not eq or not key or not vals:
+            raise SystemExit(f"livt compare: --vary {spec}: expected KEY=VALUE1,VALUE2,... (e.g. loss.tau=0.5,1,2)")
+        if key in ("method", "data", "config", "seed", "output_dir", "run_name", "pretrained", "from_scratch",
+                   "init_classifier"):
+            raise SystemExit(f"livt compare: --vary {spec}: '{key}' is set by the runner; vary a recipe key")
+        for v in vals:
+            try:
+                config_lib.parse_args("finetune", ["--data", data, f"--{key}", v])
+            except config_lib.ConfigError as e:
+                raise SystemExit(f"livt compare: --vary {spec}: {e}") from None
+        axes.append([(key, v) for v in vals])
+    return list(itertools.product(*axes))
+
+
+def write_table(cmp: Comparison, args: argparse.Namespace, argv: list[str], out: Path, started: datetime) -> None:
+    """comparison.{md,csv,json} and the figures under `out`, from what the run directories hold."""
+    table = build_table(cmp.rows, cmp.jobs, current_commit())
+    if args.relative:
+        add_relative(table, cmp.ce_of)
+    prov = provenance()
+    header = [
+        f"# livt compare: {args.data}",
+        "",
+        f"- command: `livt compare {' '.join(shlex.quote(a) for a in argv)}`",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; machine: {machine()}",
+        f"- commit: {prov['git_commit'] or 'unknown'}{' (uncommitted changes)' if prov['git_dirty'] else ''}",
+        f"- seeds: {', '.join(map(str, cmp.seeds))}; runs under {args.output_dir}/",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(markdown(table, header))
+    write_csv(table, out / "comparison.csv")
+    (out / "comparison.json").write_text(json.dumps(table, indent=1, default=str))
+    from livt import figures
+
+    figures.plot_comparison(table, out / "shot_groups.png", out / "per_class.png")
+    say(markdown(table, header))
+    say(f"table in {out / 'comparison.md'}")
+
+
+def write_jobs(cmp: Comparison, devices: Devices, path: Path) -> None:
+    """What ran where: every job's status, devices, times and command (jobs.json beside the table)."""
+    path.write_text(json.dumps([
+        {"run_dir": j.key, "stage": j.stage, "status": j.status, "note": j.note, "error": j.error,
+         "deps": j.deps, "devices": j.devices, "started": j.started, "ended": j.ended,
+         "command": shown(command(j, cmp.processes), job_env(j.devices, cmp.processes, devices.cpu))}
+        for j in cmp.jobs.values()], indent=1))
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -473,50 +785,22 @@ def main(argv: list[str] | None = None) -> Path | None:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise SystemExit(f"livt compare: --seeds expects comma-separated integers, got '{args.seeds}'") from None
+    devices = devices_of(args.gpus, args.gpus_per_run)  # bad input stops here, before any job starts
+    combos = parse_vary(args.vary, args.data)
     out = Path(args.out or Path(args.output_dir) / f"compare-{args.data}")
     started = datetime.now(timezone.utc)
 
-    planner = Planner(args, shared)
-    args.pretrain_key = ""
-    if args.pretrained == "mgp":
-        args.pretrain_key = planner.pretrain_job()
-    elif args.pretrained:
-        planner.encoder = args.pretrained
-    rows = [planner.row(m, s) for m in methods for s in seeds]
-    ce_of: dict[str, str] = {}
-    if args.relative:
-        for m in methods:  # A_v: plain CE on the same backbone family
-            cnn = any(r.method == m and r.cnn for r in rows)
-            ce_of[m] = "resnet_ce" if cnn else ("ce@scratch" if m.endswith(SCRATCH) else "ce")
-        for m in dict.fromkeys(methods + list(ce_of.values())):
-            rows += [planner.row(m, s, balanced=True) for s in seeds]
-    for row in rows:
+    cmp = plan(args, shared, methods, seeds, combos, devices.per_run if devices.ids else 1)
+    n_parallel = args.jobs or devices.slots
+    if args.dry_run:
+        dry_run(cmp, devices, n_parallel, args.rerun_stale)
+        return None
+    for row in cmp.rows:
         if row.error:
             say(f"failed   {row.method} seed {row.seed}: {row.error}")
-    run_jobs(planner.jobs, max(1, args.jobs), out / "logs", args.rerun_stale)
-
-    commit = current_commit()
-    table = build_table(rows, planner.jobs, commit)
-    if args.relative:
-        add_relative(table, ce_of)
-    prov = provenance()
-    header = [
-        f"# livt compare: {args.data}",
-        "",
-        f"- command: `livt compare {' '.join(shlex.quote(a) for a in argv)}`",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; machine: {machine()}",
-        f"- commit: {prov['git_commit'] or 'unknown'}{' (uncommitted changes)' if prov['git_dirty'] else ''}",
-        f"- seeds: {', '.join(map(str, seeds))}; runs under {args.output_dir}/",
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(markdown(table, header))
-    write_csv(table, out / "comparison.csv")
-    (out / "comparison.json").write_text(json.dumps(table, indent=1, default=str))
-    from livt import figures
-
-    figures.plot_comparison(table, out / "shot_groups.png", out / "per_class.png")
-    say(markdown(table, header))
-    say(f"table in {out / 'comparison.md'}")
+    run_jobs(cmp.jobs, max(1, n_parallel), out / "logs", args.rerun_stale, devices)
+    write_jobs(cmp, devices, out / "logs" / "jobs.json")
+    write_table(cmp, args, argv, out, started)
     return out
 
 

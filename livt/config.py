@@ -140,10 +140,10 @@ class ModelConfig:
     """backbone: vit_micro | vit_tiny | vit_small | vit_base | vit_large | vit_huge | resnet32 | resnet50 |
     resnext50_32x4d (see livt.models.BACKBONES; the CNNs train --from_scratch)"""
     head: str = "linear"
-    """classifier head (fine-tuning): linear | cosine | ncm (livt.models.heads.HEADS) | reslt (three branches, one
+    """classifier head (fine-tuning): linear | cosine (livt.models.heads.HEADS) | reslt (three branches, one
     shared classifier) | sade (three experts over shared layers) (livt.models.MODULES)"""
     head_scale: float = 30.0
-    """scale s of the cosine head (logits = s * cos(w_c, x)) and of the ncm head (-s/2 * squared distance)"""
+    """scale s of the cosine head: logits = s * cos(w_c, x)"""
     patch_size: int = 16
     """patch size (ViT-H: 14; small images: 4 or 8)"""
     drop_path_rate: float = 0.0
@@ -227,6 +227,9 @@ class LossConfig:
     """LDAM deferred re-weighting: class-balanced weights from this fraction of training on (>= 1 = off)"""
     drw_beta: float = 0.9999
     """LDAM deferred re-weighting: effective-number beta of its weights"""
+    drw_mean: str = "weighted"
+    """LDAM deferred re-weighting: weighted (the official code: sum_i w_i loss_i / sum_i w_i) | plain (livt's
+    re-weighting convention: (1/B) sum_i w_i loss_i)"""
     lade_alpha: float = 0.1
     """LADE weight of the LADER regulariser (0.1 CIFAR-100-LT, 0.005 ImageNet-LT in the paper)"""
     lade_lambda: float = 0.1
@@ -246,17 +249,25 @@ class LossConfig:
     gbl_c: float = 2.0
     """GBL base c of alpha = s (c^progress - 1) (2 = convex, the paper's best)"""
     reslt_alpha: float = 0.995
-    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * sum of branch CEs"""
+    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * the pooled branch CE"""
+    reslt_groups: str = "rank"
+    """ResLT head / medium / tail groups: rank (the official code: fixed slices of the classes sorted by count,
+    sizes from reslt_split) | log_count (the paper's reading: three groups of equal imbalance factor)"""
+    reslt_split: tuple[float, float] = (0.35, 0.35)
+    """ResLT rank groups: fractions of the classes that are head and medium (tail: the rest); the official
+    CIFAR-100 0.35 / 0.35; the recipe sets CIFAR-10's 0.2 / 0.2 and ImageNet-LT's 0.175 / 0.605"""
     sade_lambda: float = 2.0
     """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
     las_head: float = 0.3
     """label-aware smoothing (MiSLAS): epsilon of the largest class"""
     las_tail: float = 0.0
     """label-aware smoothing: epsilon of the smallest class"""
-    las_shape: str = "linear"
-    """label-aware smoothing: epsilon as a function of the class count: linear | concave | convex"""
-    las_spread: str = "paper"
-    """label-aware smoothing: paper (eps_y / (K - 1) on each other class) | code (eps_y / K on every class)"""
+    las_shape: str = "concave"
+    """label-aware smoothing: epsilon as a function of the class count: concave (the official code's) | linear |
+    convex"""
+    las_spread: str = "code"
+    """label-aware smoothing: code (the official code's: eps_y / K on every class) | paper (eps_y / (K - 1) on
+    each other class)"""
 
 
 @dataclass
@@ -289,16 +300,16 @@ class DecoupledConfig:
     """tau-norm: largest tau of the sweep"""
     tau_steps: int = 21
     """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
-    ncm: str = "cl2n_l2"
-    """NCM: cl2n_l2 (Euclidean distance of the centred, L2-normalised feature to the class means of such
-    features: the official default) | cosine (cosine to the normalised mean of L2-normalised features)"""
-    shift_bn: bool = True
-    """MiSLAS: re-estimate the BatchNorm statistics on the stage-2 batches (the official CIFAR-10 configs: false)"""
-    mislas_scales: bool = True
-    """MiSLAS: learn per-class weight scales with the classifier, as the official train_stage2.py (false = the
-    classifier alone)"""
-    mislas_head_lr: float = 1.0
-    """MiSLAS: the classifier's lr as a factor of optim's lr, the scales' lr being optim's (official lr_factor)"""
+    ncm_metric: str = "l2"
+    """NCM: l2 (the official code's `cl2n` + `l2`: squared Euclidean distance of the centred, L2-normalised
+    feature to the class means of the centred, L2-normalised training features; an `ncm` head) | cosine (the
+    paper's wording: cosine to the normalised mean of each class's L2-normalised features; a `cosine` head)"""
+    shift_bn: bool = False
+    """trained second stages: BatchNorm layers in training mode, their statistics re-estimated on the stage's
+    batches (MiSLAS's shifted BN; its official configs: off on CIFAR-10-LT, on elsewhere)"""
+    head_lr_scale: float = 1.0
+    """mislas: the stage-1 head's lr is this x the lr, the learned per-class scales' the lr itself (the official
+    `lr_factor`: 0.5 CIFAR-10-LT x100, 0.2 CIFAR-100-LT x100, 0.05 ImageNet-LT / iNat / Places-LT)"""
 
 
 @dataclass
@@ -674,9 +685,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, YAML/JSON friendly
 
 
+def data_derived(cfg: Any) -> set[str]:
+    """Keys a run sets from its data after the config is parsed (`data.normalize from_train`: data.mean /
+    data.std, by livt.data.resolve_normalization). They follow from the keys that are hashed, so they are
+    left out of the hash: the run's identity is the config as given, before and after resolution alike."""
+    return {"data.mean", "data.std"} if cfg.data.normalize == "from_train" else set()
+
+
 def config_hash(cfg: Any) -> str:
-    """Hash of what defines the run; ignores what may change on resume (`VOLATILE`)."""
-    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in VOLATILE}
+    """Hash of what defines the run; ignores what may change on resume (`VOLATILE`) and what the run
+    derives from its data (`data_derived`)."""
+    skip = VOLATILE | data_derived(cfg)
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in skip}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -685,6 +705,11 @@ def run_name(cfg: Any, stage: str) -> str:
         return cfg.run_name
     method = getattr(cfg, "method", "")
     return f"{stage}-{cfg.data.dataset}-{cfg.model.name}{'-' + method if method else ''}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: Any, stage: str) -> Path:
+    """Where the run of `cfg` lives: the one source of truth, for the run itself and for `livt compare`."""
+    return Path(cfg.output_dir) / run_name(cfg, stage)
 
 
 def _show(value: Any) -> str:
@@ -766,7 +791,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
     "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict",
-    "config_hash", "run_name",
+    "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

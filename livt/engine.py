@@ -107,6 +107,7 @@ def provenance() -> dict[str, Any]:
     return {
         "git_commit": commit,
         "git_dirty": bool(status) if status is not None else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the GPUs it was given (livt compare)
         "versions": {"livt": ver("livt"), "python": platform.python_version(), "torch": str(torch.__version__),
                      **{pkg: ver(pkg) for pkg in ("timm", "accelerate", "numpy", "safetensors")}},
     }
@@ -125,7 +126,7 @@ def make_accelerator(precision: str, log_with: str = "none", project_dir: Path |
 
 def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
     """Create (or re-enter) the run directory; refuse to mix two different runs in one."""
-    run_dir = Path(cfg.output_dir) / config_lib.run_name(cfg, stage)
+    run_dir = config_lib.run_dir(cfg, stage)
     resolve_resume(cfg.resume, run_dir)  # a wrong --resume fails before anything is built
     cfg_file = run_dir / "config.yaml"
     if accelerator.is_main_process and cfg_file.exists():
@@ -137,7 +138,8 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
             current = config_lib.to_dict(cfg)
             old_flat = config_lib.flatten({k: v for k, v in old.items() if k in current})
             new_flat = config_lib.flatten(current)
-            diff = sorted(k for k in new_flat if k not in config_lib.VOLATILE and old_flat.get(k) != new_flat[k])
+            skip = config_lib.VOLATILE | config_lib.data_derived(cfg)
+            diff = sorted(k for k in new_flat if k not in skip and old_flat.get(k) != new_flat[k])
             raise RunDirError(
                 f"{run_dir} holds a different run (config hash {old.get('config_hash')} vs {new_hash}; "
                 f"keys that differ: {', '.join(diff[:8]) or 'n/a'}). Pass --overwrite to replace it or "
@@ -153,7 +155,7 @@ def prepare_run_dir(cfg: Any, stage: str, accelerator: Accelerator) -> Path:
 
 def start(cfg: Any, stage: str) -> tuple[Accelerator, Path]:
     """The accelerator and run directory of a run, with every RNG seeded from `cfg.seed`."""
-    accelerator = make_accelerator(cfg.precision, cfg.log_with, Path(cfg.output_dir) / config_lib.run_name(cfg, stage))
+    accelerator = make_accelerator(cfg.precision, cfg.log_with, config_lib.run_dir(cfg, stage))
     run_dir = prepare_run_dir(cfg, stage, accelerator)
     seed_step(cfg.seed, -1, 0)  # model initialisation: the same on every process
     return accelerator, run_dir

@@ -45,7 +45,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     check_tta(cfg)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg)
-    if cfg.stage2 or cfg.init_classifier:
+    resolve_normalization(cfg)  # recorded in config.yaml; not part of the run's name (config.data_derived)
+    if cfg.stage2 or cfg.init_classifier:  # a second stage sees the images as its stage 1 did
         return stages.run_stage2(cfg)
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
@@ -54,7 +55,6 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         raise config_lib.ConfigError(
             f"--pretrained: model.name '{cfg.model.name}' is a CNN, which livt trains from random "
             "initialisation (the pretraining stage makes ViT encoders only); use --from_scratch")
-    resolve_normalization(cfg)  # before the run is named: the resolved mean / std are part of its hash
     accelerator, run_dir = engine.start(cfg, "finetune")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))  # all checked up front

@@ -25,8 +25,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
     With layer decay, ids are 0 for cls/pos/patch-embed, i + 1 for blocks.i and depth + 1 for
     everything after the blocks; scale = layer_decay ** (depth + 1 - id) (timm's grouping).
-    `decay_all` puts every trainable parameter in one decayed group (the CNN recipes' plain SGD). A module
-    with `lr_scales() -> {id(parameter): factor}` has those parameters' lr scaled by their factor.
+    `decay_all` puts every trainable parameter in one decayed group (the CNN recipes' plain SGD).
     """
     if decay_all:
         if layer_decay < 1.0:
@@ -41,11 +40,23 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
-    own = getattr(model, "lr_scales", dict)()  # {id(parameter): lr factor} a module asks for (MiSLAS's head)
-    if own:
-        groups = [{**g, "params": [p for p in g["params"] if own.get(id(p), 1.0) == f], "lr_scale": g["lr_scale"] * f}
-                  for g in groups for f in sorted({own.get(id(p), 1.0) for p in g["params"]})]
-    return groups
+    return split_by_lr_scale(groups, model)
+
+
+def split_by_lr_scale(groups: list[dict], model: nn.Module) -> list[dict]:
+    """Each group split by the lr factors of `model.lr_scales()` ({parameter name prefix: factor}, if any),
+    which multiply the group's `lr_scale`."""
+    prefixes = getattr(model, "lr_scales", dict)()
+    if not prefixes:
+        return groups
+    factor = {id(p): f for name, p in model.named_parameters() for prefix, f in prefixes.items()
+              if name.startswith(prefix)}
+    out = []
+    for g in groups:
+        for f in sorted({factor.get(id(p), 1.0) for p in g["params"]}):
+            params = [p for p in g["params"] if factor.get(id(p), 1.0) == f]
+            out.append({**g, "params": params, "lr_scale": g["lr_scale"] * f})
+    return out
 
 
 def build_optimizer(model: nn.Module, optim: Any, lr: float) -> torch.optim.Optimizer:

@@ -45,7 +45,7 @@ def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tupl
 
 
 def run(cfg: config_lib.PretrainConfig) -> Path:
-    resolve_normalization(cfg)  # before the run is named: the resolved mean / std are part of its hash
+    resolve_normalization(cfg)  # recorded in config.yaml; not part of the run's name (config.data_derived)
     accelerator, run_dir = engine.start(cfg, "pretrain")
     d = cfg.data
     train = build_dataset(d, "train")

@@ -9,7 +9,7 @@ A second stage starts from a fine-tuned classifier file (`--init_classifier`; an
 `forward_features`, `forward_head(x, pre_logits=True)`, `get_classifier()`, `livt.models.set_head`),
 freezes its backbone and changes only what its method names. Frozen means every parameter (no gradient)
 and every buffer: the backbone runs in eval mode, so dropout and drop path are off and BatchNorm
-statistics stay, except under MiSLAS's shifted BN. Trained methods run the Trainer of ordinary
+statistics stay, except under shifted BN (`decoupled.shift_bn`, MiSLAS). Trained methods run the Trainer of ordinary
 fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
 and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
 results files of `livt.tuning`, with a `stage2` entry saying what was changed.
@@ -18,20 +18,21 @@ results files of `livt.tuning`, with a `stage2` entry saying what was changed.
     crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
     lws       the stage-1 head frozen, a learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c);
               folded into a plain linear head when saved (W <- f * W, b <- f * b)
-    mislas    the stage-1 linear head trained further (not re-initialised) together with learned per-class
-              scales f_c (LWS-style, from 1; the official train_stage2.py: the head at decoupled.mislas_head_lr
-              times the scales' lr; folded into the head when saved), with label-aware smoothing (the
-              recipe's loss) and shifted BN (decoupled.shift_bn): the BatchNorm layers in training mode,
-              so their running statistics are re-estimated on the class-balanced batches (affine weights stay).
-              A ViT has no BatchNorm (LayerNorm keeps no statistics): there shifted BN changes nothing,
-              MiSLAS's stage 2 is head re-training with label-aware smoothing, and the results say so
+    mislas    the stage-1 head (weight and bias) trained further, not re-initialised, together with a
+              learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c), as the official
+              train_stage2.py (its LearnableWeightScaling); the head's lr is decoupled.head_lr_scale x the
+              lr (official lr_factor), the scales' the lr; label-aware smoothing (the recipe's loss);
+              folded into a plain linear head when saved. With decoupled.shift_bn (the recipe, by dataset)
+              the BatchNorm layers are in training mode, so their running statistics are re-estimated on
+              the class-balanced batches (their affine weights stay). A ViT has no BatchNorm (LayerNorm
+              keeps no statistics): there shifted BN changes nothing, and the results say so
     tau_norm  w_c / ||w_c||^tau with the bias dropped; tau swept over decoupled.tau_min..tau_max and
               chosen on the held-out val split by mean per-class accuracy (top-1 on a balanced val)
-    ncm       nearest class mean of the training features (eval transform, no augmentation), by default
-              the official `cl2n` + `l2`: features minus the training mean, L2-normalised, Euclidean
-              distance to each class's mean of such features (an `ncm` head); `decoupled.ncm cosine`:
-              cosine to the normalised class mean of L2-normalised features (a cosine head). The head's
-              scale model.head_scale sets the confidence (ECE) only
+    ncm       nearest class mean of the training features (eval transform, no augmentation); by
+              decoupled.ncm_metric: l2 (official code: features centred on the training mean and
+              L2-normalised, squared Euclidean distance to each class's mean of them; an `ncm` head) or
+              cosine (to the L2-normalised mean of each class's L2-normalised features; a `cosine` head);
+              model.head_scale sets the confidence (ECE) only
     afg       GLAG's Adaptive Feature Generator (livt.afg): the stage-1 head re-trained on cached features
               plus calibrated Gaussian features for the tail classes, KD to the stage-1 head on head classes
 """
@@ -91,18 +92,18 @@ class FrozenBackbone(nn.Module):
 
 
 class ClassScales(nn.Module):
-    """LWS: logits f_c * head(x)_c, the linear head frozen, f (C,) learned from ones. MiSLAS trains the
-    head too (`train_head`), at `head_lr` times the scales' learning rate (`lr_scales`)."""
+    """Logits f_c * head(x)_c, f (C,) learned from ones; the linear head frozen (LWS) or trained too, at
+    `head_lr_scale` x the lr (MiSLAS)."""
 
-    def __init__(self, head: nn.Linear, train_head: bool = False, head_lr: float = 1.0) -> None:
+    def __init__(self, head: nn.Linear, train_head: bool = False, head_lr_scale: float = 1.0) -> None:
         super().__init__()
         self.head = head.requires_grad_(train_head)
         self.scale = nn.Parameter(torch.ones(head.out_features))
-        self.head_lr = head_lr
+        self.head_lr_scale = head_lr_scale
 
-    def lr_scales(self) -> dict[int, float]:
-        """{id(parameter): lr factor} (livt.optim.param_groups): the head's parameters at `head_lr`."""
-        return {id(p): self.head_lr for p in self.head.parameters()}
+    def lr_scales(self) -> dict[str, float]:
+        """{parameter name prefix: lr factor} (livt.optim.split_by_lr_scale)."""
+        return {"head.": self.head_lr_scale}
 
     def forward(self, features: Tensor) -> Tensor:
         return self.head(features) * self.scale  # (B, C)
@@ -128,26 +129,23 @@ def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
     return head
 
 
-def mislas_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
-    """The stage-1 head trained further, with learned per-class scales unless `decoupled.mislas_scales` is off."""
-    if not cfg.decoupled.mislas_scales:
-        return model.get_classifier().requires_grad_(True)
-    scaled = ClassScales(model.get_classifier(), train_head=True, head_lr=cfg.decoupled.mislas_head_lr)
-    set_head(model, scaled)
-    return scaled
-
-
 def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
     scaled = ClassScales(model.get_classifier())
     set_head(model, scaled)
     return scaled
 
 
+def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+    if cfg.decoupled.head_lr_scale <= 0:
+        raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {cfg.decoupled.head_lr_scale}")
+    scaled = ClassScales(model.get_classifier(), train_head=True, head_lr_scale=cfg.decoupled.head_lr_scale)
+    set_head(model, scaled)
+    return scaled
+
+
 def fold_scales(model: nn.Module) -> nn.Module:
-    """A copy of an LWS model with its scales folded into a plain linear head (a model without them: itself)."""
+    """A copy of an LWS model with its scales folded into a plain linear head."""
     scaled = model.get_classifier()
-    if not isinstance(scaled, ClassScales):
-        return model
     out = copy.copy(model)  # shallow: shares the (frozen) backbone modules, gets its own head
     out._modules = dict(model._modules)
     set_head(out, scaled.folded())
@@ -222,43 +220,38 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, trai
             {"epochs": 0, "steps": 0, "images_seen": len(val)})
 
 
+NCM_METRICS = ("l2", "cosine")
+
+
 def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(C, D) mean of the features of each class."""
     sums = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype).index_add_(0, labels, feats)
     return sums / torch.bincount(labels, minlength=num_classes)[:, None]
 
 
-def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, rule: str, scale: float) -> nn.Module:
-    """The NCM head of training features (N, D): `cl2n_l2` an NCMHead (centred and L2-normalised features,
-    Euclidean distance to their class means), `cosine` a CosineHead on the normalised class means of the
-    L2-normalised features."""
-    check_ncm_rule(rule)
-    if rule == "cosine":
-        head = CosineHead(feats.shape[1], num_classes, scale).to(feats.dtype)
+def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale: float) -> nn.Module:
+    """The NCM head of `metric` (decoupled.ncm_metric) from training features (N, D) and labels (N,)."""
+    if metric == "l2":  # the official `cl2n` centroids: class means of the centred, normalised features
+        head, mean = NCMHead(feats.shape[1], num_classes, scale), feats.mean(0)
+        centres = class_means(F.normalize(feats - mean, dim=1), labels, num_classes)
         with torch.no_grad():
-            head.weight.copy_(F.normalize(class_means(F.normalize(feats, dim=1), labels, num_classes), dim=1))
-        return head
-    head = NCMHead(feats.shape[1], num_classes, scale).to(feats.dtype)  # the features' precision
-    mean = feats.mean(0)  # (D,)
+            head.mean.copy_(mean)
+    elif metric == "cosine":
+        head = CosineHead(feats.shape[1], num_classes, scale)
+        centres = F.normalize(class_means(F.normalize(feats, dim=1), labels, num_classes), dim=1)
+    else:
+        raise config_lib.ConfigError(f"--decoupled.ncm_metric: no metric '{metric}'; choose one of "
+                                     f"{', '.join(NCM_METRICS)}")
     with torch.no_grad():
-        head.mean.copy_(mean)
-        head.weight.copy_(class_means(F.normalize(feats - mean, dim=1), labels, num_classes))
+        head.weight.copy_(centres)
     return head
-
-
-NCM_RULES = ("cl2n_l2", "cosine")
-
-
-def check_ncm_rule(rule: str) -> None:
-    if rule not in NCM_RULES:
-        raise config_lib.ConfigError(f"--decoupled.ncm: no rule '{rule}'; choose one of {', '.join(NCM_RULES)}")
 
 
 def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
     feats, labels = features(accelerator, model, cfg, train)
-    head = ncm_head(feats, labels, model.num_classes, cfg.decoupled.ncm, cfg.model.head_scale)
-    return head, {"rule": f"none: class means of the training features ({cfg.decoupled.ncm})"}, [], {
-        "epochs": 0, "steps": 0, "images_seen": len(train)}
+    head = ncm_head(feats, labels, model.num_classes, cfg.decoupled.ncm_metric, cfg.model.head_scale)
+    return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
+                                                                              "images_seen": len(train)}
 
 
 def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
@@ -284,15 +277,13 @@ def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
 class SecondStage:
     """One second stage: `trainable` makes the head what the method trains and returns the module to
     optimise, or `solve` computes the head from features -> (head, selection, log rows, budget); `export`
-    turns the trained model into a plain classifier; `shift_bn` keeps BatchNorm in training mode;
-    `linear_head`: needs a stage-1 linear head; `needs_val`: uses a held-out val split. `shift_bn` is
-    the method's; `decoupled.shift_bn` can turn it off (`shifts_bn`)."""
+    turns the trained model into a plain classifier; `linear_head`: needs a stage-1 linear head;
+    `needs_val`: uses a held-out val split."""
 
     summary: str
     trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
     solve: Callable[..., tuple[nn.Module, dict, list, dict]] | None = None
     export: Callable[[nn.Module], nn.Module] = lambda m: m
-    shift_bn: bool = False
     linear_head: bool = False
     needs_val: bool = False
 
@@ -301,18 +292,14 @@ STAGES2: dict[str, SecondStage] = {
     "crt": SecondStage("classifier re-initialised and re-trained", trainable=new_head),
     "lws": SecondStage("per-class scales of the stage-1 head learned", trainable=learned_scales,
                        export=fold_scales, linear_head=True),
-    "mislas": SecondStage("stage-1 head re-trained with learned per-class scales, label-aware smoothing, "
-                          "shifted BN", trainable=mislas_head, export=fold_scales, shift_bn=True, linear_head=True),
+    "mislas": SecondStage("stage-1 head re-trained with learned per-class scales, label-aware smoothing",
+                          trainable=scaled_stage1_head, export=fold_scales, linear_head=True),
     "tau_norm": SecondStage("stage-1 head rescaled w / ||w||^tau, tau chosen on val", solve=tau_norm,
                             linear_head=True, needs_val=True),
-    "ncm": SecondStage("nearest class mean of centred, normalised features (decoupled.ncm)", solve=ncm),
+    "ncm": SecondStage("nearest class mean of normalised features", solve=ncm),
     "afg": SecondStage("GLAG: stage-1 head re-trained on real + generated (calibrated Gaussian) features, "
                        "KD on head classes", solve=afg, linear_head=True, needs_val=True),
 }
-
-
-def shifts_bn(stage: SecondStage, cfg: config_lib.FinetuneConfig) -> bool:
-    return stage.shift_bn and cfg.decoupled.shift_bn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,10 +317,14 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
                                      f"--pretrained / --from_scratch")
     stage = STAGES2[cfg.stage2]
-    check_ncm_rule(cfg.decoupled.ncm)
     if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
                                      f"got {cfg.optim.layer_decay}")
+    if stage.trainable is None and cfg.decoupled.shift_bn:
+        raise config_lib.ConfigError(f"--decoupled.shift_bn: --stage2 {cfg.stage2} trains nothing; drop it")
+    if cfg.decoupled.head_lr_scale != 1.0 and stage.trainable is not scaled_stage1_head:
+        raise config_lib.ConfigError(f"--decoupled.head_lr_scale: only mislas trains a head beside its scales; "
+                                     f"--stage2 {cfg.stage2} takes no {cfg.decoupled.head_lr_scale}")
     return stage
 
 
@@ -374,7 +365,7 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
         images, target = targets(images, labels)
         return criterion(net(images), target, trainer.plan.progress(step))
 
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, shifts_bn(stage, cfg)),
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, cfg.decoupled.shift_bn),
                              tuning.train_data(cfg, train, accelerator.device),
                              train.targets, train.num_classes, forward, optimize=optimize)
     return trainer
@@ -390,14 +381,15 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(describe(counts, train.name))
     model, meta1 = load_classifier(cfg.init_classifier)
     check_stage1(model, meta1, cfg, train.num_classes, counts)
-    n_bn = len(batchnorms(model)) if shifts_bn(stage, cfg) else 0
-    if shifts_bn(stage, cfg):
+    shift_bn = cfg.decoupled.shift_bn
+    n_bn = len(batchnorms(model)) if shift_bn else 0
+    if shift_bn:
         accelerator.print(f"shifted BN: re-estimating the statistics of {n_bn} BatchNorm layers" if n_bn else
                           "shifted BN: the backbone has no BatchNorm layer (a ViT's LayerNorm keeps no "
                           "statistics), so nothing is re-estimated")
     info = {"stage2": {"name": cfg.stage2, "summary": stage.summary, "init_classifier": cfg.init_classifier,
                        "stage1_method": meta1.get("config", {}).get("method") or None,
-                       **({"shifted_bn_layers": n_bn} if shifts_bn(stage, cfg) else {})}}
+                       **({"shifted_bn_layers": n_bn} if shift_bn else {})}}
     meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                 class_names=train.class_names)
     if stage.solve is not None:

@@ -91,6 +91,10 @@ def test_resnet32_cosine_head_outputs():
     out = outputs(model, torch.randn(3, 3, 16, 16))  # fully convolutional: any size
     assert out["features"].shape == (3, 64) and out["cosine"].abs().max() <= 1 + 1e-6
     torch.testing.assert_close(out["logits"], 30.0 * out["cosine"])
+    # kaidic/LDAM-DRW models/resnet_cifar.py NormedLinear: uniform(-1, 1), each class vector renormed to 1
+    norms = model.fc.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(10), atol=1e-6, rtol=0)
+    assert model.fc.weight.abs().max() <= 1.0 and model.fc.weight.std() > 0.5 / 64 ** 0.5
 
 
 # ---------------------------------------------------------------------------------------------

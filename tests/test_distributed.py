@@ -1,4 +1,5 @@
-"""Two CPU processes (accelerate launch --num_processes 2 --cpu) against one: same training, every test
+"""Two CPU processes against one (`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU: a
+gloo group; `--cpu --num_processes 2` would start ONE process without MPI, and the test would pass trivially): same training, every test
 image counted once. The stochastic parts that differ per process (mixup, drop path) are off; per-sample
 augmentation and masking derive from (seed, epoch or step, index) and need no switching off."""
 
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
@@ -18,12 +20,14 @@ DETERMINISTIC = ["--aug.mixup", "0", "--aug.cutmix", "0", "--model.drop_path_rat
 
 
 def launch(script, out, processes, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            script, "--data", "tiny", "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert yaml.safe_load((out / "r" / "config.yaml").read_text())["world_size"] == processes
     return out / "r"
 
 

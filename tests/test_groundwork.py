@@ -3,6 +3,7 @@ per-dataset evaluation crop, method recipes layered with the presets, provenance
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -236,13 +237,18 @@ def test_installed_wheel_finds_its_configs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(build)], check=True, capture_output=True)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *map(str, wheels.glob("*.whl"))],
-                   check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                    *map(str, wheels.glob("*.whl"))], env=env, check=True, capture_output=True)
+    # the dependencies: this interpreter's site-packages, also when it is a venv (which `--system-site-packages`
+    # would not see), listed after the install so pip does not take an editable livt there for the wheel
+    venv_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    Path(venv_site, "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     away = tmp_path / "elsewhere"
     away.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(py), "-c", "import livt.config as c; print(c.__file__); print(c.CONFIG_DIR)"],
                            cwd=away, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv)), where

@@ -86,6 +86,7 @@ def np_cb_sigmoid_focal(z, t, counts, beta, gamma):
 
 
 def np_ldam(cos, t, counts, s, max_margin, progress, drw_start, beta=0.9999):
+    """DRW: PyTorch's weighted mean sum_i w_i loss_i / sum_i w_i, as the official code."""
     m = counts ** -0.25
     m = m * max_margin / m.max()
     w = np_norm((1 - beta) / (1 - beta ** counts)) if progress >= drw_start else np.ones(len(counts))
@@ -98,7 +99,7 @@ def np_ldam(cos, t, counts, s, max_margin, progress, drw_start, beta=0.9999):
                 a[label] -= s * m[label]
                 loss += t[i, label] * -log_softmax(a)[label]
         total.append((t[i] @ w) * loss)
-    return np.mean(total)
+    return np.sum(total) / np.sum(t @ w)
 
 
 def np_lade(z, t, counts, alpha, lam):
@@ -106,10 +107,8 @@ def np_lade(z, t, counts, alpha, lam):
     pc = np_ce(z + np.log(pi), t)
     reg = 0.0
     for y in range(len(counts)):
-        n_y = t[:, y].sum()
-        if n_y == 0:
-            continue
-        first = (t[:, y] * z[:, y]).sum() / n_y
+        n_y = t[:, y].sum()  # a class absent from the batch: first term 0, the others count (official code)
+        first = (t[:, y] * z[:, y]).sum() / n_y if n_y > 0 else 0.0
         second = math.log(np.mean(np.exp(z[:, y] - np.log(pi[y]) + np.log(1 / len(counts)))))
         reg -= pi[y] * (first - second - lam * second ** 2)
     return pc + alpha * reg

@@ -59,20 +59,52 @@ def test_reslt_fused_logits_are_the_sum_of_branch_logits_through_one_classifier(
     assert sum(isinstance(m, torch.nn.Linear) and m.out_features == 5 for m in model.modules()) == 1
 
 
-def test_reslt_groups_have_equal_imbalance_factors():
-    groups = reslt_groups(CIFAR10_LT_X100).tolist()
-    assert groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]  # the shot thresholds would leave no tail class
-    for counts in (CIFAR10_LT_X100, [int(500 * 0.01 ** (i / 99)) for i in range(100)]):
+def test_reslt_groups_official_rank_slices_and_the_log_count_option():
+    # official code (jiequancui/ResLT CIFAR/cifarTrain_reslt_cifar10.py, cifar100.py): classes sorted by count,
+    # medium + tail = classes 2:10 and tail 4:10 on CIFAR-10 (2 / 2 / 6), 35:100 and 70:100 on CIFAR-100
+    assert reslt_groups(CIFAR10_LT_X100, split=(0.2, 0.2)).tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
+    cifar100 = [int(500 * 0.01 ** (i / 99)) for i in range(100)]
+    assert reslt_groups(cifar100).tolist() == [0] * 35 + [1] * 35 + [2] * 30  # the default split
+    # ImageNet-LT (ImageNetLT/ImageNetTrain_reslt.py): 175 head, 605 medium, 220 tail classes by count
+    imagenet = torch.randint(5, 1281, (1000,), generator=torch.Generator().manual_seed(0))
+    g = reslt_groups(imagenet, split=(0.175, 0.605))
+    assert [(g == k).sum().item() for k in range(3)] == [175, 605, 220]
+    assert imagenet[g == 0].min() >= imagenet[g == 1].max() and imagenet[g == 1].min() >= imagenet[g == 2].max()
+    # not sorted by count: the same groups, permuted with the classes
+    perm = np.random.default_rng(0).permutation(10)
+    ranked = reslt_groups(CIFAR10_LT_X100, split=(0.2, 0.2)).tolist()
+    assert reslt_groups(np.array(CIFAR10_LT_X100)[perm], split=(0.2, 0.2)).tolist() == [ranked[i] for i in perm]
+    with pytest.raises(ValueError, match="reslt split"):
+        reslt_groups(CIFAR10_LT_X100, split=(0.7, 0.5))
+    with pytest.raises(ValueError, match="unknown reslt groups 'thirds'"):
+        reslt_groups(CIFAR10_LT_X100, "thirds")
+    # 'log_count' (the paper's "equal imbalance factor" reading)
+    groups = reslt_groups(CIFAR10_LT_X100, "log_count").tolist()
+    assert groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    for counts in (CIFAR10_LT_X100, cifar100):
         counts = np.array(counts)
-        g = reslt_groups(counts).numpy()
+        g = reslt_groups(counts, "log_count").numpy()
         factors = [counts[g == k].max() / counts[g == k].min() for k in range(3)]
         step = max(counts[:-1] / counts[1:])  # one class's worth of imbalance
         assert max(factors) / min(factors) <= step * 1.01, factors
-    # not sorted by count: the same groups, permuted with the classes
-    perm = np.random.default_rng(0).permutation(10)
-    assert reslt_groups(np.array(CIFAR10_LT_X100)[perm]).tolist() == [groups[i] for i in perm]
+    assert reslt_groups(np.array(CIFAR10_LT_X100)[perm], "log_count").tolist() == [groups[i] for i in perm]
     with pytest.raises(ValueError, match="same training count"):
-        reslt_groups([7, 7, 7])
+        reslt_groups([7, 7, 7], "log_count")
+
+
+def test_reslt_loss_matches_the_official_code():
+    # jiequancui/ResLT @ 9650d9327f7c0ec616dec82e5830173c6f43fa8a, CIFAR/cifarTrain_reslt_cifar10.py l. 147-156
+    # run in float64 outside this repo on these inputs, beta 0.9: 4.934501862593508; the same code without its
+    # + 1e-7 inside log(softmax) (which livt does not add): 4.934533997412105
+    i, c = torch.arange(6.0, dtype=torch.float64)[:, None], torch.arange(10.0, dtype=torch.float64)[None]
+    zh, zm = 3 * torch.sin(1.7 * i + 0.9 * c + 0.3), 3 * torch.cos(1.1 * i + 0.7 * c)
+    zt = 2 * torch.sin(0.6 * i - 1.3 * c + 1)
+    y = torch.tensor([0, 3, 9, 9, 5, 2])
+    crit = build_loss("reslt", CIFAR10_LT_X100, alpha=0.9, split=(0.2, 0.2))
+    loss = crit({"logits": zh + zm + zt, "branch_logits": torch.stack([zh, zm, zt])}, y)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - 4.934533997412105) < 1e-12
+    assert abs(loss.item() - 4.934501862593508) < 4e-5  # the official epsilon's effect
 
 
 def test_reslt_branch_losses_see_exactly_the_samples_of_their_group():
@@ -85,11 +117,12 @@ def test_reslt_branch_losses_see_exactly_the_samples_of_their_group():
     branch_logits.requires_grad_(True)
     fused = branch_logits.sum(0)
     ce = lambda t: math.log(math.exp(t) + 2) - t  # noqa: E731
-    expected_branch = (sum(ce(t) for t in v[0].tolist()) / 4    # all four samples
-                       + (ce(v[1, 1]) + ce(v[1, 2])) / 2        # medium + tail: samples 1, 2
-                       + ce(v[2, 2]))                           # tail: sample 2
-    fused_v = v.sum(0).tolist()
-    expected_fused = sum(ce(t) for t in fused_v) / 4
+    v = v.tolist()
+    # one mean over the pooled (branch, sample) pairs: 4 + 2 + 1 of them (official code)
+    expected_branch = (sum(ce(t) for t in v[0])        # all four samples
+                       + ce(v[1][1]) + ce(v[1][2])     # medium + tail: samples 1, 2
+                       + ce(v[2][2])) / 7              # tail: sample 2
+    expected_fused = sum(ce(a + b + c) for a, b, c in zip(*v)) / 4
     loss = build_loss("reslt", counts, alpha=0.9)({"logits": fused, "branch_logits": branch_logits}, labels)
     assert loss.item() == pytest.approx(0.1 * expected_fused + 0.9 * expected_branch, rel=1e-6)
     # alpha = 1: only the branch terms; a branch gets no gradient from samples outside its group
@@ -101,10 +134,10 @@ def test_reslt_branch_losses_see_exactly_the_samples_of_their_group():
     one_hot = torch.eye(3)[labels]  # soft targets: membership by the largest-mass class
     assert build_loss("reslt", counts, alpha=0.9)({"logits": fused, "branch_logits": branch_logits},
                                                   one_hot).item() == pytest.approx(loss.item(), rel=1e-6)
-    # a batch without tail samples: the tail term is 0, not NaN
-    head_only = build_loss("reslt", counts)({"logits": fused[:1], "branch_logits": branch_logits[:, :1]},
-                                            labels[:1])
-    assert torch.isfinite(head_only)
+    # a batch without tail samples: the tail branch adds nothing, the mean is over the pairs present
+    head_only = build_loss("reslt", counts, alpha=1.0)({"logits": fused[:1], "branch_logits": branch_logits[:, :1]},
+                                                       labels[:1])
+    assert head_only.item() == pytest.approx(ce(v[0][0]), rel=1e-6)
     with pytest.raises(ValueError, match="alpha"):
         build_loss("reslt", counts, alpha=1.5)({"logits": fused, "branch_logits": branch_logits}, labels)
 

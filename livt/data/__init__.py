@@ -131,7 +131,8 @@ def channel_stats(ds: LTDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def resolve_normalization(cfg: Any) -> None:
     """With `data.normalize from_train`, set data.mean / data.std of the stage config `cfg` to the training
-    images' statistics. Called before the run is named, so the config hash (and a resume) sees them."""
+    images' statistics (written to the run's config.yaml). They do not name the run (`config.data_derived`):
+    `livt compare` finds the run directory from the config as given, before any data is read."""
     d = cfg.data
     if d.normalize not in NORMALIZE:
         raise ConfigError(f"--data.normalize: expected one of {', '.join(NORMALIZE)}, got '{d.normalize}'")

@@ -15,11 +15,13 @@ the loop changes. Families: `balanced` (logit adjustment: bal_ce, bal_bce, gbl, 
   Losses that change with the label beyond a linear term (margins, SEQL's kept classes) take the
   target-weighted sum of "the loss were the label c"; per-sample weights become sum_c t_c w_c.
 - `class_counts`: training images per class (C,); every class needs at least one (priors enter logs).
-- Re-weighting, one convention for every re-weighted loss (cb_ce, cb_focal, cb_bce, weighted_ce, ib,
-  ldam's DRW): per-class weights normalised to sum C (mean 1 over classes), loss = the plain batch mean
-  (1/B) sum_i w_{y_i} loss_i. This is not PyTorch's weighted mean sum_i w_i loss_i / sum_i w_i (what
-  the official LDAM-DRW and IB code use): ours keeps the loss scale fixed by the weights, theirs
-  rescales every batch by its own weights.
+- Re-weighting, one convention for every re-weighted loss (cb_ce, cb_focal, cb_bce, weighted_ce, ib):
+  per-class weights normalised to sum C (mean 1 over classes), loss = the plain batch mean
+  (1/B) sum_i w_{y_i} loss_i, as the official IB code (reduction 'none', then .mean()). The exception is
+  ldam's DRW, whose official code uses PyTorch's weighted mean sum_i w_i loss_i / sum_i w_i (every batch
+  rescaled by its own weights): its default, `drw_mean='plain'` giving the convention above.
+- Every loss is right in float32 (tests/test_losses_float32.py checks each registered loss, value and
+  gradient, against float64 on extreme inputs): no form that cancels, e.g. 1 - p for a confident p.
 - Schedules (LDAM's DRW, IB's start, GBL's alpha) are pure functions of `progress` = step / total
   steps, so they switch at the same optimizer step in a straight and a resumed run.
 - Randomness (SEQL's Bernoulli draw) comes from the global torch RNG, reseeded by the loop every step.

@@ -89,12 +89,11 @@ def _lade_kernel(logits: Tensor, targets: Tensor, log_prior: Tensor, alpha: floa
     pc_softmax = soft_ce(logits + log_prior, targets).mean()
     t = probs(targets, logits.shape[1], logits.dtype)  # (B, C)
     n = t.sum(0)  # (C,) samples (target mass) of each class in the batch
-    present = n > 0
-    first = (t * logits).sum(0) / n.clamp_min(1e-12)  # mean of z_y over the batch's samples of class y
+    first = (t * logits).sum(0) / n.clamp_min(1e-12)  # mean of z_y over the batch's samples of y; 0 if none
     # log (1/B) sum_i exp(z_iy - log pi_y + log 1/C): the DV bound's partition term on balanced logits
     second = torch.logsumexp(logits - log_prior - math.log(logits.shape[1]), dim=0) - math.log(logits.shape[0])
     bound = first - second - lam * second ** 2  # (C,) ReMINE: DV bound minus lambda * (log Z)^2
-    regulariser = -(log_prior.exp() * bound)[present].sum()
+    regulariser = -(log_prior.exp() * bound).sum()  # every class, absent ones too (as the official code)
     return pc_softmax + alpha * regulariser
 
 
@@ -123,8 +122,10 @@ def gbl(logits: Tensor, targets: Tensor, class_counts: Counts, progress: float, 
 def lade(logits: Tensor, targets: Tensor, class_counts: Counts, alpha: float = 0.1, lam: float = 0.1) -> Tensor:
     """LADE (Hong et al., CVPR 2021): PC-softmax CE on z + log pi plus alpha times the LADER regulariser
     -sum_y pi_y [mean_{i: y_i = y} z_iy - log mean_i e^{z_iy - log pi_y - log C} - lam (log mean_i ...)^2]
-    over the classes y present in the batch (soft targets: memberships weighted by t_iy). The partition
-    term's shift to balanced logits follows the official code. Predict with z (uniform test prior)."""
+    over all C classes, as the official code (hyperconnect/LADE): a class absent from the batch has first
+    term 0 but its partition and lambda terms count (soft targets: memberships weighted by t_iy). The
+    partition term's shift to balanced logits follows the official code. Predict with z (uniform test
+    prior)."""
     return _lade_kernel(logits, targets, **_log_prior_tables(class_counts, alpha=alpha, lam=lam),
                         alpha=alpha, lam=lam)
 

@@ -118,6 +118,18 @@ def weighted_mean(losses: Tensor, weight: Tensor | None, targets: Tensor) -> Ten
     return losses.mean() if weight is None else (sample_weight(weight, targets) * losses).mean()
 
 
+def lse_without(logits: Tensor) -> Tensor:
+    """(B, C): log sum_{k != c} e^{z_k} for every class c, without cancellation. For c other than the
+    row's argmax p_c <= 1/2, so logsumexp(z) + log(1 - p_c) is exact to a few ulps; for the argmax, where
+    1 - p_c may cancel to 0, the logsumexp of the row with that entry left out."""
+    top = logits.argmax(-1, keepdim=True)  # (B, 1)
+    is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+    p = logits.softmax(-1).masked_fill(is_top, 0.0)  # 0 at the argmax: no log(0) and no NaN gradient
+    others = torch.logsumexp(logits, -1, keepdim=True) + torch.log1p(-p)
+    without_top = torch.logsumexp(logits.masked_fill(is_top, float("-inf")), -1, keepdim=True)  # (B, 1)
+    return torch.where(is_top, without_top, others)
+
+
 def soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """(B,) softmax CE of each sample: -sum_c t_c log softmax(z)_c (hard: -log softmax(z)_y)."""
     return per_sample(-F.log_softmax(logits, dim=-1), targets)

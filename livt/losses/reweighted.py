@@ -13,6 +13,7 @@ from livt.losses.core import (
     check,
     float32,
     inverse_frequency_weights,
+    lse_without,
     per_sample,
     prior64,
     probs,
@@ -65,11 +66,23 @@ def _sigmoid_focal_kernel(logits: Tensor, targets: Tensor, weight: Tensor, gamma
 @float32
 def _ib_kernel(logits: Tensor, targets: Tensor, features: Tensor, progress: float, weight: Tensor,
                alpha: float, start: float, eps: float) -> Tensor:
-    ce = soft_ce(logits, targets)  # (B,)
+    if targets.is_floating_point():
+        ce = soft_ce(logits, targets)  # (B,)
+        # ||softmax(z) - t||_1; at the argmax, where p_c may be near 1, |(1 - t_c) - (1 - p_c)| with
+        # 1 - p_c = e^{lse_{-c} - lse} (exact, and so is its gradient: IB's weight amplifies it by alpha / eps)
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.argmax(-1, keepdim=True), True)
+        one_minus_p = (lse_without(logits) - lse).exp()
+        p = (logits - lse).exp()
+        grad_norm = torch.where(is_top, (1 - targets) - one_minus_p, p - targets).abs().sum(-1)  # (B,)
+    else:
+        # d = log sum_{k != y} e^{z_k} - z_y: CE = softplus(d) and ||softmax(z) - e_y||_1 = 2 (1 - p_y)
+        # = 2 sigmoid(d), exact for a confident sample, where 1 - p_y cancels in float32 (IB divides by it)
+        rest = torch.logsumexp(logits.scatter(1, targets[:, None], float("-inf")), -1)
+        d = rest - logits.gather(1, targets[:, None])[:, 0]
+        ce, grad_norm = F.softplus(d), 2 * torch.sigmoid(d)
     if progress < start:
         return ce.mean()  # plain CE first (the IB weights need a reasonably trained model)
-    t = probs(targets, logits.shape[1], logits.dtype)
-    grad_norm = (logits.softmax(-1) - t).abs().sum(-1)  # ||softmax(z) - y||_1, (B,)
     influence = grad_norm * features.abs().sum(-1)  # times ||h||_1 of the classifier's input
     return weighted_mean(alpha / (influence + eps) * ce, weight, targets)
 

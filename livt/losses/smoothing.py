@@ -1,8 +1,9 @@
 """Label-aware smoothing (MiSLAS, Zhong et al., CVPR 2021): the loss of MiSLAS's second stage.
 
-CE against 1 - eps_y on the true class y and eps_y / (K - 1) on each other class ('paper'; 'code':
-eps_y / K on every class, as the official code), with eps_y = f(n_y) from `las_epsilons`: `head` for the
-largest class, `tail` for the smallest. A soft target t (mixup) gets sum_c t_c * (the smoothed target of
+CE against eps_y / K on every class and 1 - eps_y more on the true class y ('code', the official
+code's; 'paper': 1 - eps_y on y and eps_y / (K - 1) on each other class), with eps_y = f(n_y) from
+`las_epsilons` (the official code's shape: concave): `head` for the largest class, `tail` for the
+smallest. A soft target t (mixup) gets sum_c t_c * (the smoothed target of
 c), so add no other smoothing (loss.label_smoothing 0).
 """
 
@@ -16,11 +17,11 @@ from torch import Tensor
 
 from livt.losses.core import Counts, float32, prior64
 
-LAS_SHAPES = ("linear", "concave", "convex")
-LAS_SPREADS = ("paper", "code")
+LAS_SHAPES = ("concave", "linear", "convex")
+LAS_SPREADS = ("code", "paper")
 
 
-def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "linear") -> Tensor:
+def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave") -> Tensor:
     """Per-class smoothing eps_y = f(n_y), (C,) float32: in between `tail` and `head` by
     x = (n_y - n_min) / (n_max - n_min): linear tail + (head - tail) x, concave tail + (head - tail)
     sin(pi x / 2), convex head - (head - tail) cos(pi x / 2). Equal counts give every class `head`."""
@@ -36,8 +37,8 @@ def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, sha
     return (tail + (head - tail) * f).float()
 
 
-def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "linear",
-                   spread: str = "paper") -> Tensor:
+def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave",
+                   spread: str = "code") -> Tensor:
     """(C,) float32: the target mass put on each other class for a sample of class y, eps_y / (K - 1)
     ('paper') or eps_y / K ('code'); the true class gets the rest, 1 - (K - 1) * that."""
     if spread not in LAS_SPREADS:
@@ -46,8 +47,8 @@ def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, s
     return eps / (len(eps) - 1) if spread == "paper" else eps / len(eps)
 
 
-def _las_tables(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "linear",
-                spread: str = "paper") -> dict[str, Tensor]:
+def _las_tables(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave",
+                spread: str = "code") -> dict[str, Tensor]:
     return {"off_target": las_off_target(class_counts, head, tail, shape, spread)}
 
 
@@ -61,7 +62,7 @@ def _las_kernel(logits: Tensor, targets: Tensor, off_target: Tensor) -> Tensor:
 
 
 def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts, head: float = 0.3,
-                          tail: float = 0.0, shape: str = "linear", spread: str = "paper") -> Tensor:
+                          tail: float = 0.0, shape: str = "concave", spread: str = "code") -> Tensor:
     """MiSLAS label-aware smoothing (module docstring), batch mean."""
     return _las_kernel(logits, targets, **_las_tables(class_counts, head, tail, shape, spread))
 

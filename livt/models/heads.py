@@ -7,15 +7,12 @@ and the extras (e.g. the cosine head's `cosine`). `livt.models.outputs` collects
     linear   nn.Linear (the backbone's own init; timm keys)
     cosine   logits = s * cos(w_c, x): the normalised classifier of LDAM (Cao et al., NeurIPS 2019);
              `cosine` = cos(w_c, x) is what margin losses subtract their margins from
-    ncm      logits = -s/2 * ||u - c_k||^2 with u = (x - m) / ||x - m||: nearest class mean of centred,
-             L2-normalised features (Kang et al.'s `cl2n` + `l2`); m and the centroids c_k come from
-             `livt.stages.ncm`. s/2 makes s mean what it means for the cosine head: ||u - c||^2 =
-             1 + ||c||^2 - 2 u.c, so the logits are s u.c up to a per-class offset.
+    ncm      logits = -s * ||(x - m) / ||x - m|| - w_c||^2: the nearest class mean of Kang et al. (ICLR 2020)
+             as their official code computes it (`cl2n` features, `l2` distance); m the training mean
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -24,7 +21,9 @@ from torch import Tensor, nn
 
 
 class CosineHead(nn.Module):
-    """s * cos(w_c, x) for every class c; no bias. Weights uniform(-1/sqrt(D), 1/sqrt(D))."""
+    """s * cos(w_c, x) for every class c; no bias. Each class vector w_c starts uniform(-1, 1) scaled to unit
+    norm, as the official LDAM-DRW normalised linear layer (its `renorm` to 1): the norm sets the head's
+    effective learning rate under SGD with weight decay, since the cosine ignores it."""
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0) -> None:
         super().__init__()
@@ -32,8 +31,9 @@ class CosineHead(nn.Module):
             raise ValueError(f"cosine head scale must be > 0, got {scale}")
         self.in_features, self.out_features, self.scale = in_features, num_classes, float(scale)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
     def outputs(self, features: Tensor) -> dict[str, Tensor]:
         cosine = F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).t()  # (B, C)
@@ -47,20 +47,22 @@ class CosineHead(nn.Module):
 
 
 class NCMHead(nn.Module):
-    """-s/2 * squared Euclidean distance of the centred, L2-normalised feature to each class centroid."""
+    """-s * squared Euclidean distance of the centred, L2-normalised feature (x - m) / ||x - m|| to each class
+    centre w_c (C, D); `mean` m (D,). Set by `livt.stages.ncm` (w_c: the mean of the centred, normalised
+    training features of class c; m: the mean training feature); s sets the confidence only (official: 1)."""
 
-    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, scale: float = 1.0) -> None:
         super().__init__()
         if scale <= 0:
             raise ValueError(f"ncm head scale must be > 0, got {scale}")
         self.in_features, self.out_features, self.scale = in_features, num_classes, float(scale)
-        self.weight = nn.Parameter(torch.zeros(num_classes, in_features))  # (C, D) centroids c_k
-        self.register_buffer("mean", torch.zeros(in_features))  # (D,) training-feature mean m
+        self.weight = nn.Parameter(torch.zeros(num_classes, in_features))
+        self.mean = nn.Parameter(torch.zeros(in_features))
 
     def forward(self, features: Tensor) -> Tensor:
-        u = F.normalize(features - self.mean, dim=-1)  # (B, D)
-        dist = (u * u).sum(-1, keepdim=True) + (self.weight * self.weight).sum(-1) - 2 * u @ self.weight.t()
-        return -0.5 * self.scale * dist  # (B, C)
+        unit = F.normalize(features - self.mean, dim=-1)
+        dist = unit.pow(2).sum(-1, keepdim=True) + self.weight.pow(2).sum(-1) - 2 * unit @ self.weight.t()
+        return -self.scale * dist  # (B, C)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
