@@ -21,7 +21,8 @@ from livt.data import build_dataset, resolve_normalization, train_class_counts
 from livt.data.stats import class_counts, describe
 from livt.export import pretrained_cfg
 from livt.losses import build_loss
-from livt.models import WithOutputs, is_cnn
+from livt.models import WithOutputs, build_classifier, is_cnn
+from livt.models.sade import SADEClassifier
 from livt.tuning import (
     TargetMaker,
     build_model,
@@ -50,9 +51,6 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
-    if cfg.pretrained and cfg.model.head == "sade":
-        raise config_lib.ConfigError("--pretrained with --model.head sade: loading one encoder into SADE's shared "
-                                     "layers and three experts is not implemented; use --from_scratch")
     if cfg.pretrained and is_cnn(cfg.model.name):
         raise config_lib.ConfigError(
             f"--pretrained: model.name '{cfg.model.name}' is a CNN, which livt trains from random "
@@ -71,7 +69,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     if cfg.pretrained:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
-        load_encoder(getattr(model, "backbone", model), cfg.pretrained)  # ResLT: its backbone
+        load_pretrained(model, cfg.pretrained)
     criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
@@ -88,6 +86,18 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split, val, test,
                    counts, meta)
     return run_dir
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> None:
+    """An encoder file into a classifier: ResLT's into its backbone (its branches and shared head stay fresh);
+    SADE's into a plain ViT of the same size, copied into the shared layers and each expert's blocks."""
+    if isinstance(model, SADEClassifier):
+        a = model.arch
+        vit = build_classifier(a["name"], a["img_size"], a["patch_size"], a["num_classes"])
+        load_encoder(vit, path)
+        model.load_vit(vit)
+    else:
+        load_encoder(getattr(model, "backbone", model), path)
 
 
 def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:

@@ -50,11 +50,11 @@ def folder_set(root: Path) -> Path:
     return root
 
 
-# SADE and ResLT run @scratch until they take an MGP encoder (then drop '@scratch': --pretrained mgp applies)
+# SADE and ResLT take the MGP encoder like every ViT row (shared and expert / backbone blocks from it)
 CALLS = {
-    "npz_val": (["gbl", "glag", "sade@scratch"],
+    "npz_val": (["gbl", "glag", "sade"],
                 ["--data.normalize", "from_train", "--posthoc", "--data.sampler", "sqrt"]),
-    "npz": (["bal_bce", "reslt@scratch", "resnet_ce"],
+    "npz": (["bal_bce", "reslt", "resnet_ce"],
             ["--data.normalize", "from_train", "--data.val_from_train", "0.2", "--test_prior_imbalance", "10",
              "--data.sampler", "class_balanced"]),
     "folder": (["ce"], ["--data.normalize", "from_train", "--data.val_from_train", "0.25"]),

@@ -9,12 +9,13 @@ import timm
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from livt import finetune
+from livt import finetune, pretrain
 from livt.aggregate import Aggregator, combine
 from livt.checkpoint import load_classifier, save_model
 from livt.losses import build_loss
 from livt.losses.modules import inverse_prior, reslt_groups
 from livt.models import build_classifier, outputs
+from livt.models.heads import CosineHead
 from livt.models.reslt import ResLTClassifier
 from livt.models.sade import SADEClassifier
 from livt.optim import param_groups
@@ -29,9 +30,10 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def resnet() -> torch.nn.Module:
+def resnet(**channels) -> torch.nn.Module:
     """A small timm ResNet (one BasicBlock per stage), random init."""
-    return timm.models.resnet.ResNet(block=timm.models.resnet.BasicBlock, layers=[1, 1, 1, 1], num_classes=5)
+    return timm.models.resnet.ResNet(block=timm.models.resnet.BasicBlock, layers=[1, 1, 1, 1], num_classes=5,
+                                     **channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +198,35 @@ def test_sade_model_outputs_and_split(kind):
     assert not torch.allclose(out["expert_logits"][0], out["expert_logits"][2])  # independent experts
     if kind == "vit":  # vit_micro (4 blocks): 3 shared, 1 per expert
         assert len(model.shared.model.blocks) == 3 and all(len(e.blocks) == 1 for e in model.experts)
-    else:  # stem + layer1..3 shared, layer4 + pool + fc per expert
-        assert sum(isinstance(m, timm.models.resnet.BasicBlock) for m in model.shared.modules()) == 3
-        assert all(isinstance(e[2], torch.nn.Linear) for e in model.experts)
+    else:  # stem + layer1..2 shared, layer3 + layer4 (192 / 384 channels) + pool + cosine head per expert
+        assert sum(isinstance(m, timm.models.resnet.BasicBlock) for m in model.shared.modules()) == 2
+        assert all(isinstance(e[3], CosineHead) and e[3].weight.shape == (5, 384) for e in model.experts)
+        assert out["expert_logits"].detach().abs().max().item() <= 30.0  # s cos: |logit| <= 30
+
+
+# Parameter counts of the official SADE models, built from Vanint/SADE-AgnosticLT at commit cba11b8
+# (model/ldam_drw_resnets/expert_resnet_cifar.py ResNet_s([5, 5, 5], num_experts=3, reduce_dimension=True,
+# use_norm=True); model/fb_resnets/Expert_ResNeXt.py ResNext([3, 4, 6, 3], groups=32, width_per_group=4,
+# num_experts=3, reduce_dimension=True, use_norm=True); Expert_ResNet.py likewise with Bottleneck):
+# total, the shared stem + layer1 (ResNet-32 only), one expert's two stages, one expert's classifier.
+OFFICIAL_SADE = {
+    ("resnet32", 10): (770_896, 23_824, 50_592 + 197_952, 480),
+    ("resnet32", 100): (783_856, 23_824, 50_592 + 197_952, 4_800),
+    ("resnext50_32x4d", 1000): (42_889_024, None, 4_102_656 + 8_186_880, 1_536_000),
+    ("resnet50", 1000): (43_677_248, None, 4_119_552 + 8_421_888, 1_536_000),
+}
+
+
+@pytest.mark.parametrize(("name", "num_classes"), list(OFFICIAL_SADE))
+def test_sade_cnn_experts_match_the_official_parameter_counts(name, num_classes):
+    total, shared, stages, head = OFFICIAL_SADE[name, num_classes]
+    model = build_classifier(name, 32, 0, num_classes, head="sade")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) == total
+    if shared is not None:
+        assert count(model.shared) == shared
+    for expert in model.experts:
+        assert count(expert[:2]) == stages and count(expert[-1]) == head
 
 
 def test_composite_models_keep_the_vit_layer_decay_of_their_parts():
@@ -290,6 +318,47 @@ def test_sade_recipe_with_test_time_aggregation_runs_end_to_end(tmp_path):
     rows = json.loads((run_dir / "test_prior_results.json").read_text())
     assert [r["transductive"] for r in rows] == ["no"] * 4 + ["yes"] * 2
     assert {r["test set"] for r in rows if r["transductive"] == "yes"} == {"forward x5", "backward x5"}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """The encoder file of a tiny MGP pretraining run (vit_micro, 32 px, patch 8, 4 blocks)."""
+    run_dir = pretrain.main(["--data", "tiny", "--optim.epochs", "1", "--run_name", "mgp",
+                             "--output_dir", str(tmp_path_factory.mktemp("pre"))])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return run_dir / "encoder.safetensors"
+
+
+def test_sade_and_reslt_take_every_block_from_the_encoder(encoder):
+    vit = build_classifier("vit_micro", 32, 8, 5)
+    finetune.load_pretrained(vit, str(encoder))
+    sade, reslt = (build_classifier("vit_micro", 32, 8, 5, head=head) for head in ("sade", "reslt"))
+    fresh = {n: p.clone() for n, p in sade.named_parameters()}
+    for model in (sade, reslt):
+        finetune.load_pretrained(model, str(encoder))
+    want = vit.state_dict()
+    assert_equal = torch.testing.assert_close
+    shared = sade.shared.model.state_dict()  # embeddings and blocks 0..2
+    assert len(sade.shared.model.blocks) == 3 and shared.keys() <= want.keys()
+    for name, value in shared.items():
+        assert_equal(value, want[name], rtol=0, atol=0)
+    for expert in sade.experts:  # each expert's only block is the encoder's block 3
+        for name, value in expert.blocks[0].state_dict().items():
+            assert_equal(value, want[f"blocks.3.{name}"], rtol=0, atol=0)
+    for name, value in reslt.backbone.state_dict().items():
+        assert_equal(value, want[name], rtol=0, atol=0)
+    # the heads are the models' own, fresh
+    assert_equal(sade.experts[1].head.weight, fresh["experts.1.head.weight"], rtol=0, atol=0)
+    assert not torch.equal(want["blocks.3.mlp.fc1.weight"], fresh["experts.0.blocks.3.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("method", ["sade", "reslt"])
+def test_sade_and_reslt_fine_tune_from_an_encoder(encoder, tmp_path, method):
+    run_dir = finetune.main(["--data", "tiny", "--pretrained", str(encoder), "--method", method,
+                             "--optim.epochs", "1", "--select", "last", "--output_dir", str(tmp_path)])
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["method"] == method and 0.0 <= results["top1"] <= 100.0
 
 
 def test_tta_needs_a_multi_expert_model(tmp_path):

@@ -36,8 +36,8 @@ def _vit(name: str) -> Callable[..., nn.Module]:
 
 
 def _cnn(name: str) -> Callable[..., nn.Module]:
-    def build(img_size: int, patch_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
-        return create_cnn(name, img_size, num_classes, drop_path_rate)  # no patches: patch_size unused
+    def build(img_size: int, patch_size: int, num_classes: int, drop_path_rate: float = 0.0, **widths) -> nn.Module:
+        return create_cnn(name, img_size, num_classes, drop_path_rate, **widths)  # no patches: patch_size unused
     return build
 
 
@@ -48,7 +48,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# head name -> model class built from a zero-argument backbone builder
+# head name -> model class built from a backbone builder (no arguments, or a CNN's stage widths)
 MODULES: dict[str, Callable[[Callable[[], nn.Module]], nn.Module]] = {
     "reslt": ResLTClassifier,
     "sade": SADEClassifier,
@@ -70,7 +70,8 @@ def build_classifier(name: str, img_size: int, patch_size: int, num_classes: int
     if head not in HEADS and head not in MODULES:
         raise ValueError(f"unknown head '{head}'; choose one of {', '.join([*HEADS, *MODULES])}")
     if head in MODULES:
-        model = MODULES[head](lambda: BACKBONES[name](img_size, patch_size, num_classes, drop_path_rate))
+        model = MODULES[head](lambda **widths: BACKBONES[name](img_size, patch_size, num_classes, drop_path_rate,
+                                                                **widths))
         model.arch = {"name": name, "img_size": img_size, "patch_size": patch_size, "num_classes": num_classes,
                       "head": head}
         return model

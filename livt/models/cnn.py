@@ -97,20 +97,22 @@ class ResNetCifar(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resnet32(num_classes: int, drop_path_rate: float) -> nn.Module:
+def _resnet32(num_classes: int, drop_path_rate: float, **widths) -> nn.Module:
     if drop_path_rate:
         raise ValueError(f"model.drop_path_rate: resnet32 has no stochastic depth, got {drop_path_rate}; use 0")
-    return ResNetCifar(num_classes, depth=32)
+    return ResNetCifar(num_classes, depth=32, **widths)
 
 
 def _timm(name: str):
-    def build(num_classes: int, drop_path_rate: float) -> nn.Module:
+    def build(num_classes: int, drop_path_rate: float, **channels) -> nn.Module:
         # pretrained=False: timm builds the architecture with its own random init and downloads nothing
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                 **channels)
     return build
 
 
-# name -> builder(num_classes, drop_path_rate)
+# name -> builder(num_classes, drop_path_rate, **widths): `widths` (resnet32) / `channels` (timm) are the
+# stage widths SADE's experts reduce (livt.models.sade.EXPERT_WIDTHS)
 CNNS = {
     "resnet32": _resnet32,
     "resnet50": _timm("resnet50"),
@@ -118,14 +120,14 @@ CNNS = {
 }
 
 
-def create_cnn(name: str, img_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
+def create_cnn(name: str, img_size: int, num_classes: int, drop_path_rate: float = 0.0, **widths) -> nn.Module:
     """A CNN classifier from random weights. `img_size` is only recorded (`model.img_size`, for the
     hand-off metadata): the networks are fully convolutional up to the global pool."""
     if name not in CNNS:
         raise ValueError(f"unknown CNN '{name}'; choose one of {', '.join(CNNS)}")
     if num_classes < 1:
         raise ValueError(f"a CNN classifier needs num_classes >= 1, got {num_classes}")
-    model = CNNS[name](num_classes, drop_path_rate)
+    model = CNNS[name](num_classes, drop_path_rate, **widths)
     model.img_size = img_size
     model.cnn_name = name
     return model
