@@ -1,7 +1,7 @@
-"""Two CPU processes against one (`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU: a
-gloo group; `--cpu --num_processes 2` would start ONE process without MPI, and the test would pass trivially): same training, every test
-image counted once. The stochastic parts that differ per process (mixup, drop path) are off; per-sample
-augmentation and masking derive from (seed, epoch or step, index) and need no switching off."""
+"""Two CPU processes against one: `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU, a
+gloo group (`--cpu --num_processes 2` would start ONE process without MPI, and the test would pass trivially).
+Same training, every test image counted once. The stochastic parts that differ per process (mixup, drop path)
+are off; per-sample augmentation and masking derive from (seed, epoch or step, index) and need no switching off."""
 
 import json
 import os
