@@ -2,7 +2,8 @@
 # All of livt's GPU evidence in one call of one H100 / H200 (planned 9.0 minutes wall, under the device tool's
 # 10-minute limit per call), everything under $OUT:
 #     python benchmarks/pack_cifar10_lt.py                       # once, here: data_carry/cifar10_lt (49 MiB)
-#     set -o pipefail; bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/call.log   # the device call (carry ["data_carry"])
+#     set -o pipefail; LIVT_COMMIT=<sha> bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/call.log   # the device call,
+#                                                            # carry ["data_carry"] (BENCHMARKS.md, "The GPU call")
 #     OUT=/tmp/gpu TINY=1 bash benchmarks/gpu_all.sh             # the same call on the CPU, tiny (CI: tests/test_gpu_call.py)
 #     python benchmarks/gpu_tables.py $OUT                       # -> $OUT/tables.md: the BENCHMARKS.md / RESULTS.md blocks
 # Parts and their planned minutes (each under its own time limit, logged, and the next part runs whatever
@@ -34,7 +35,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$SELF")/.."
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1  # the repository itself, no install (the GPU machine has no network)
 export WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK/logs" "$WORK/results"
 TREE=$WORK/jpeg_lt
@@ -75,9 +76,10 @@ part() {  # part NAME LIMIT_S: run the function NAME in a process of its own und
 
 setup() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
-    echo "cpus $(nproc)"; python3 -c 'import torch, accelerate, timm
+    echo "cpus $(env -u OMP_NUM_THREADS nproc)"; python3 -c 'import torch, accelerate, timm
 print("torch", torch.__version__, "accelerate", accelerate.__version__, "timm", timm.__version__)'
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
+    # the device machine's copy of the tree may have no .git: the caller names the commit (LIVT_COMMIT)
+    echo "commit ${LIVT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
     echo "date $(date -u +%Y-%m-%dT%H:%MZ)"; } > "$WORK/results/machine.txt"
   cp "$WORK/results/machine.txt" "$OUT/machine.txt"
   if [[ -n "${TINY:-}" ]]; then
@@ -117,7 +119,8 @@ speed() {
   if [[ -n "${TINY:-}" ]]; then
     size=(--tiny --jpeg-classes 5); pipe=(--images 16 --rounds 1 --psnr-images 4); img=32
   else
-    local workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+    local cpus; cpus=$(env -u OMP_NUM_THREADS nproc)
+    local workers=$(( cpus > 2 ? cpus - 2 : 1 ))
     size=(--jpeg-classes 100 --workers "$workers" --steps 20 --warmup 5); pipe=(--images 128 --rounds 3 --psnr-images 50); img=224
   fi
   python3 benchmarks/input_pipeline.py "$TREE" --img "$img" "${pipe[@]}" --out "$WORK/results" || return 1
@@ -144,6 +147,6 @@ part smoke "${LIMIT[1]}"
 part speed "${LIMIT[2]}"
 part study "${LIMIT[3]}"
 python3 benchmarks/gpu_tables.py "$OUT" || FAILED=1
-column -t -s $'\t' "$STATUS"
+cat "$STATUS"
 [[ $FAILED == 0 ]] && echo "gpu_all: every part passed; tables in $OUT/tables.md" || echo "gpu_all: a part FAILED (see status.tsv)"
 exit $FAILED

@@ -60,7 +60,7 @@ def differing(a: Path, b: Path) -> list[str]:
     return [k for k in ta if not torch.equal(ta[k], tb[k])]
 
 
-def stages(work: Path, log: Path, *extra: str) -> str:
+def stages(work: Path, log: Path, *extra: str, finetune_only: tuple[str, ...] = ()) -> str:
     """Both stages a few steps (pretraining, then fine-tuning from its encoder), outputs and losses checked."""
     out = work / "runs"
     run([sys.executable, "pretrain_mgp.py", *TINY, "--output_dir", str(out / "mgp"), "--optim.epochs", "1",
@@ -69,7 +69,7 @@ def stages(work: Path, log: Path, *extra: str) -> str:
     assert encoder.is_file(), f"no {encoder}"
     losses(out / "mgp" / "r")
     run([sys.executable, "finetune_bft.py", *TINY, "--output_dir", str(out / "bft"), "--optim.epochs", "1",
-         "--pretrained", str(encoder), *extra], log)
+         "--pretrained", str(encoder), *extra, *finetune_only], log)
     result = json.loads((out / "bft" / "r" / "test_results.json").read_text())
     losses(out / "bft" / "r")
     return f"pretrain {len(losses(out / 'mgp' / 'r'))} + finetune {len(losses(out / 'bft' / 'r'))} logged steps, " \
@@ -90,7 +90,7 @@ def check_cuda(work: Path, log: Path) -> str:
 
 def check_stages(work: Path, log: Path) -> str:
     """Eager, the training set on the device (data.on_device: crop + flip there)."""
-    return stages(work, log, "--data.on_device", "true", "--aug.rand_augment", "", "--aug.reprob", "0")
+    return stages(work, log, "--data.on_device", "true", finetune_only=("--aug.rand_augment", "", "--aug.reprob", "0"))
 
 
 def check_compile(work: Path, log: Path) -> str:
