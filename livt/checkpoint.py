@@ -234,7 +234,7 @@ def check_compatible(meta_arch: dict[str, Any], wanted_arch: dict[str, Any], wha
 # Loading
 
 
-def _encoder_state(state: dict[str, torch.Tensor], kind: str, path: Path) -> dict[str, torch.Tensor]:
+def encoder_state(state: dict[str, torch.Tensor], kind: str, path: Path) -> dict[str, torch.Tensor]:
     """Encoder keys of an encoder or MAE state dict (decoder and mask token dropped)."""
     if kind == "encoder":
         return state
@@ -257,7 +257,7 @@ def load_encoder(classifier: VisionTransformer, path: str | Path) -> Any:
         raise CheckpointError(f"load_encoder({path}): pretrained encoders are ViTs; a "
                               f"{type(classifier).__name__} trains from scratch")
     state, meta = load_file_with_meta(path)
-    state = _encoder_state(strip_wrapper_prefixes(state), meta["kind"], path)
+    state = encoder_state(strip_wrapper_prefixes(state), meta["kind"], path)
     wanted = {k: v for k, v in arch_of(classifier).items() if k != "num_classes"}
     check_compatible(meta["arch"], wanted, f"load_encoder({path})")
     grid = classifier.patch_embed.grid_size[0]

@@ -3,6 +3,7 @@
     livt pretrain [--data PRESET] [--key value ...]            Masked Generative Pretraining
     livt finetune [--data PRESET] [--method NAME] [...]        fine-tuning (BFT and every method)
     livt compare --data PRESET --methods a,b --seeds 0,1       runs methods x seeds, writes the table
+    livt probe ENCODER [--data PRESET] [...]                   kNN / linear-probe accuracy of frozen features
     livt predict CLASSIFIER.safetensors IMAGE [...]            top-k classes of image files
     livt stats FILE                                            class counts, shot groups, imbalance
     livt bench [--tiny] [--compile] [--jpeg-root DIR]          throughput, MFU, x an in-process reference
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("livt.pretrain", "Masked Generative Pretraining of a ViT encoder (MAE)"),
     "finetune": ("livt.finetune", "fine-tuning: Balanced Fine-Tuning and the other methods"),
     "compare": ("livt.compare", "train / evaluate methods x seeds and write the comparison table"),
+    "probe": ("livt.probe", "kNN and linear-probe accuracy of an encoder's frozen features (or random weights)"),
     "predict": ("livt.predict", "top-k predictions of a fine-tuned classifier for image files"),
     "stats": ("livt.data.stats", "class counts, shot groups and imbalance of a split or count file"),
     "bench": ("livt.bench", "training-step throughput of both stages against an in-process reference step"),

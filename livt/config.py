@@ -55,6 +55,8 @@ VOLATILE = {
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "posthoc", "max_bad_steps",
     "compile", "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
+    # the representation monitor only reads the weights: it changes nothing a run trains
+    "monitor.every", "monitor.max_train", "monitor.max_val", "monitor.k", "monitor.temperature",
 }
 SELECTION_RULES = ("auto", "best_val", "last")
 
@@ -335,6 +337,20 @@ class AFGConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = 0
+    """pretraining: epochs between kNN probes of the encoder (livt.probe; 0 = off; the last epoch always probes)"""
+    max_train: int = 10000
+    """kNN probe: at most this many train images as the feature bank (a fixed random subset; 0 = all)"""
+    max_val: int = 5000
+    """kNN probe: at most this many val images scored (a fixed random subset; 0 = all)"""
+    k: int = 20
+    """kNN probe: neighbours that vote (DINO: 20)"""
+    temperature: float = 0.07
+    """kNN probe: a neighbour's vote is exp(cosine similarity / temperature) (DINO: 0.07)"""
+
+
+@dataclass
 class RunConfig:
     """Fields shared by both stages."""
 
@@ -374,6 +390,7 @@ class PretrainConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     figure_every: int = 20
     """epochs between reconstruction figures (and at the end)"""
 
@@ -790,8 +807,8 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "AFGConfig", "DecoupledConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict", "to_dict",
-    "config_hash", "data_derived", "run_dir", "run_name",
+    "AFGConfig", "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
+    "to_dict", "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",
 ]

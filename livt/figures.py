@@ -6,6 +6,7 @@ written atomically as PNG.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,33 @@ def plot_reconstructions(original: Tensor, masked: Tensor, reconstructed: Tensor
     _save(fig, path)
 
 
-__all__ = ["plot_per_class_accuracy", "plot_reliability", "plot_reliability_bins", "plot_reconstructions"]
+def plot_training_curves(metrics_jsonl: str | Path, path: str | Path) -> None:
+    """Pretraining curves from a run's metrics.jsonl: the training loss against epoch, and beside it the kNN
+    probe's val top-1 of both features against epoch (`livt.probe.monitor`; 'not monitored' when absent)."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    loss = [(r["epoch"], r["loss"]) for r in rows if "loss" in r]
+    fig = Figure(figsize=(10, 4), dpi=DPI)
+    ax_loss, ax_probe = fig.subplots(1, 2)
+    if loss:
+        ax_loss.plot(*zip(*loss), color="0.2", lw=1.2)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for feature, color in (("cls", "tab:blue"), ("mean", "tab:orange")):
+        points = [(r["epoch"], r[f"knn_{feature}_top1"]) for r in rows if f"knn_{feature}_top1" in r]
+        if points:
+            ax_probe.plot(*zip(*points), marker="o", ms=3, color=color, label=f"{feature} token" if feature ==
+                          "cls" else "mean of patch tokens")
+    if ax_probe.lines:
+        ax_probe.legend(fontsize="small")
+    else:
+        ax_probe.text(0.5, 0.5, "not monitored (--monitor.every 0)", ha="center", va="center",
+                      transform=ax_probe.transAxes)
+    ax_probe.set(xlabel="epoch", ylabel="kNN top-1 on val (%)", title="kNN probe of the encoder")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+__all__ = ["plot_per_class_accuracy", "plot_reliability", "plot_reliability_bins", "plot_reconstructions",
+           "plot_training_curves"]
 
 
 def plot_comparison(table: list[dict], groups_path: str | Path, per_class_path: str | Path) -> None:

@@ -1,7 +1,8 @@
 """Stage 1 of LiVT: Masked Generative Pretraining of a ViT encoder on the long-tailed images only.
 
 Outputs in the run directory: encoder.safetensors (what fine-tuning loads), mae.safetensors (with the
-decoder, for visualisation), config.yaml, metrics.jsonl, reconstruction figures, training states.
+decoder, for visualisation), config.yaml, metrics.jsonl, reconstruction figures, training_curves.png (the
+loss and, with --monitor.every N, the kNN probe accuracy of the encoder against epoch), training states.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from pathlib import Path
 import torch
 
 from livt import config as config_lib
-from livt import engine, tracking
+from livt import engine, probe, tracking
 from livt.checkpoint import arch_of, save_model
 from livt.data import build_dataset, resolve_normalization
 from livt.data.device import OnDevice
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import PRETRAIN_SCALE, denormalize, eval_transform, pretrain_transform
-from livt.figures import plot_reconstructions
+from livt.figures import plot_reconstructions, plot_training_curves
 from livt.models.mae import MAE, create_mae
 
 NUM_FIGURE_IMAGES = 8
@@ -49,6 +50,7 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     accelerator, run_dir = engine.start(cfg, "pretrain")
     d = cfg.data
     train = build_dataset(d, "train")
+    val = build_dataset(d, "val") if cfg.monitor.every else None
     counts = class_counts(train.targets, train.num_classes)
     accelerator.print(describe(counts, train.name))
 
@@ -71,16 +73,24 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         last = epoch + 1 == cfg.optim.epochs
+        row = {}
+        if cfg.monitor.every and ((epoch + 1) % cfg.monitor.every == 0 or last):
+            row = probe.monitor(accelerator, trainer.unwrapped.encoder, train, val, counts, cfg)
+            accelerator.print(f"epoch {epoch + 1}: kNN top-1 (val) cls {row['knn_cls_top1']:.2f}, "
+                              f"mean {row['knn_mean_top1']:.2f}")
         if accelerator.is_main_process and ((epoch + 1) % cfg.figure_every == 0 or last):
             figure = run_dir / f"reconstruction_epoch{epoch + 1:04d}.png"
             reconstruction_figure(trainer.unwrapped, figure_images.to(accelerator.device), d.mean, d.std, figure)
             tracking.log_figures(accelerator, {"reconstruction": figure}, trainer.state.step)
         trainer.model.train()
-        return {}
+        return row
 
     trainer.fit(end_of_epoch)
 
     if accelerator.is_main_process:
+        curves = run_dir / "training_curves.png"
+        plot_training_curves(run_dir / "metrics.jsonl", curves)
+        tracking.log_figures(accelerator, {"training_curves": curves}, trainer.state.step)
         mae = trainer.unwrapped
         meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
                     class_names=train.class_names)

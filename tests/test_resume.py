@@ -66,6 +66,26 @@ def test_sigkill_mid_accumulation_then_resume_equals_straight_run(tmp_path, scri
     assert a == b and sorted(a) == [1, 2, 3, 4, 5, 6]  # same losses and lr at every step
 
 
+def test_monitored_pretraining_resumes_exactly_and_trains_like_an_unmonitored_run(tmp_path):
+    """The kNN monitor (every epoch) neither breaks exact resume nor changes what is trained."""
+    monitored = ["--monitor.every", "1"]
+    launch("pretrain_mgp.py", tmp_path / "a", *monitored)
+    killed = launch("pretrain_mgp.py", tmp_path / "b", *monitored, "--debug_kill_at_step", "4", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    launch("pretrain_mgp.py", tmp_path / "b", *monitored, "--resume", "auto")
+    launch("pretrain_mgp.py", tmp_path / "c")  # monitor off
+    for name in ("encoder.safetensors", "mae.safetensors"):
+        assert_same_tensors(tmp_path / "a" / "r" / name, tmp_path / "b" / "r" / name)
+        assert_same_tensors(tmp_path / "a" / "r" / name, tmp_path / "c" / "r" / name)
+    assert metrics(tmp_path / "a" / "r") == metrics(tmp_path / "b" / "r") == metrics(tmp_path / "c" / "r")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "r" / "metrics.jsonl").read_text().splitlines()]
+    probes = [(r["epoch"], r["knn_cls_top1"]) for r in rows if "knn_cls_top1" in r]
+    assert [e for e, _ in probes] == [1, 2, 3] and all(0 <= acc <= 100 for _, acc in probes)
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in resumed if "knn_cls_top1" in r][-1] == [r for r in rows if "knn_cls_top1" in r][-1]
+    assert (tmp_path / "a" / "r" / "training_curves.png").is_file()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_saves_state_and_exits_cleanly(tmp_path, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
