@@ -72,7 +72,7 @@ def calls(tmp_path_factory):
         shared = ["--data.dataset", kind, "--data.root", str(root), "--data.num_classes", str(CLASSES),
                   "--data.imbalance", "1", *SMALL, *options]
         argvs[name] = ["--data", "tiny", "--methods", ",".join(methods), "--epochs", "1", "--pretrained", "mgp",
-                       "--jobs", "2", "--pretrain-args", "--optim.epochs 1", "--output_dir", str(tmp / name),
+                       "--pretrain-args", "--optim.epochs 1", "--output_dir", str(tmp / name),
                        "--out", str(tmp / name / "table"), "--", *shared]
         compare.main(argvs[name])
     return tmp, argvs

@@ -5,6 +5,7 @@ are off; per-sample augmentation and masking derive from (seed, epoch or step, i
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,9 +20,15 @@ DETERMINISTIC = ["--aug.mixup", "0", "--aug.cutmix", "0", "--model.drop_path_rat
                  "--data.test_per_class", "21", "--optim.batch_size", "16", "--run_name", "r"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:  # a port of its own: tests may run side by side (pytest -n)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(script, out, processes, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
-    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    mode = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else ["--cpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            script, "--data", "tiny", "--output_dir", str(out), *extra]

@@ -80,7 +80,7 @@ def test_heldout_val_selects_on_val_and_records_the_epoch(tmp_path):
     # what the run spent, and the provenance of the code that made it
     assert results["budget"]["epochs"] == 3 and results["budget"]["images_seen"] == results["budget"]["steps"] * 16
     prov = results["provenance"]
-    assert set(prov) == {"git_commit", "git_dirty", "versions"}
+    assert set(prov) == {"git_commit", "git_dirty", "versions", "cuda_visible_devices"}
     assert prov["versions"]["torch"] == str(torch.__version__) and prov["versions"]["timm"]
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
