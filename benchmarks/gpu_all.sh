@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All of livt's GPU evidence in one call of one H100 / H200 (planned 9.0 minutes wall, under the device tool's
+# All of livt's GPU evidence in one call of one H100 / H200 (planned 8.5 minutes wall, under the device tool's
 # 10-minute limit per call), everything under $OUT:
 #     python benchmarks/pack_cifar10_lt.py                       # once, here: data_carry/cifar10_lt (49 MiB)
 #     set -o pipefail; LIVT_COMMIT=<sha> bash benchmarks/gpu_all.sh 2>&1 | tee $OUT/call.log   # the device call,
@@ -16,7 +16,7 @@
 #                      the straight run; accelerate launch; livt compare with two methods
 #   2. speed      3.0  benchmarks/input_pipeline.py (224 px, per CPU core) and livt bench (ViT-B/16 224 px batch
 #                      256, MGP and BFT, reference vs livt eager vs regional compile, model only / on_device / JPEG)
-#   3. study      3.5  CIFAR-10-LT x100 at 32 px, one seed, data.on_device, `livt compare --data cifar10_lt_gpu`:
+#   3. study      3.0  CIFAR-10-LT x100 at 32 px, one seed, data.on_device, `livt compare --data cifar10_lt_gpu`:
 #                      MGP 50 epochs (ViT-S/4, planned <= 45 s: 2,450 steps of batch 256 at <= 15 ms), then
 #                      7 rows at once (--jobs 7), 20 epochs each (--epochs 20): Bal-BCE, Bal-CE, CE, BCE from
 #                      MGP, Bal-BCE from scratch, ResNet-32 Bal-CE and LDAM-DRW on their own (SGD, pad-crop)
@@ -25,7 +25,7 @@
 #                      200 TFLOP/s (a quarter of the H200's ~790 bf16), x 5 rows x 20 epochs = 70 s; a ResNet-32
 #                      epoch is 97 launch-bound steps, <= 1 s.
 #   4. tables     0.0  benchmarks/gpu_tables.py $OUT (seconds)
-#   total         9.0  (each part also has a hard time limit, LIMIT below: 40 + 150 + 180 + 210 = 580 s)
+#   total         8.5  (each part also has a hard time limit, LIMIT below: 40 + 150 + 180 + 180 = 550 s)
 # $OUT gets at most 8 files (the device tool's limit): tables.md, status.tsv, results.tar.gz (every log, table,
 # metrics.jsonl and config of the parts; no checkpoints), refreshed after every part so a call cut short keeps
 # what was done.
@@ -49,7 +49,7 @@ if [[ -n "${TINY:-}" ]]; then
   STUDY=(--data cifar10_lt_cpu --epochs 1 --pretrain-args "--optim.epochs 1 --optim.warmup_epochs 0")
   STUDY_SHARED=(--aug.pad 2 --data.batch_size 32 --optim.batch_size 32)
 else
-  LIMIT=(40 150 180 210)  # hard caps, 580 s in all: a part that overruns its plan cannot push the call past 600 s
+  LIMIT=(40 150 180 180)  # hard caps, 550 s in all: a part that overruns its plan cannot push the call past 600 s
   DATA=${DATA:-data_carry/cifar10_lt}
   STUDY=(--data cifar10_lt_gpu --epochs 20 --jobs 7)
   STUDY_SHARED=()
