@@ -31,6 +31,7 @@ prints the plan (every run, reused / resumed / stale, its command, devices and d
 `--vary loss.tau=0.5,1,2` (repeatable: every combination) makes one row per value for each method
 (`bal_bce[tau=0.5]`); a varied data.* / model.* key applies to a row's whole chain, any other key only to the
 row's own run, so stage-1 and pretraining runs stay shared.
+`--launcher slurm` submits every run as a SLURM job instead, chained with afterok (livt/cluster.py).
 
 The table is rebuilt from what the runs wrote (test_results.json, test_per_class.csv), never from memory:
 `<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, `<out>/logs/<run>.log`, and
@@ -712,6 +713,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--output_dir", default="checkpoints", help="root of the run directories")
     p.add_argument("--out", default="", help="where the table goes (default <output_dir>/compare-<data>)")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
+    from livt import cluster
+
+    cluster.add_arguments(p)
     args = p.parse_args(argv)
     return args, shared
 
@@ -785,24 +789,38 @@ def main(argv: list[str] | None = None) -> Path | None:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         raise SystemExit(f"livt compare: --seeds expects comma-separated integers, got '{args.seeds}'") from None
-    devices = devices_of(args.gpus, args.gpus_per_run)  # bad input stops here, before any job starts
+    slurm = args.launcher == "slurm"
+    if slurm:  # bad input stops here, before any job starts
+        from livt import cluster
+
+        if args.gpus or args.gpus_per_run != 1 or args.jobs:
+            raise SystemExit("livt compare: --gpus / --gpus-per-run / --jobs are for the local launcher; on SLURM "
+                             "each run gets --slurm.gpus_per_node x --slurm.nodes GPUs")
+        processes = cluster.processes(args)
+    else:
+        if args.wait or args.collect:
+            raise SystemExit("livt compare: --wait / --collect are for --launcher slurm")
+        devices = devices_of(args.gpus, args.gpus_per_run)
+        processes = devices.per_run if devices.ids else 1
     combos = parse_vary(args.vary, args.data)
     out = Path(args.out or Path(args.output_dir) / f"compare-{args.data}")
     started = datetime.now(timezone.utc)
 
-    cmp = plan(args, shared, methods, seeds, combos, devices.per_run if devices.ids else 1)
-    n_parallel = args.jobs or devices.slots
-    if args.dry_run:
-        dry_run(cmp, devices, n_parallel, args.rerun_stale)
-        return None
+    cmp = plan(args, shared, methods, seeds, combos, processes)
     for row in cmp.rows:
-        if row.error:
+        if row.error and not args.dry_run:
             say(f"failed   {row.method} seed {row.seed}: {row.error}")
-    run_jobs(cmp.jobs, max(1, n_parallel), out / "logs", args.rerun_stale, devices)
-    write_jobs(cmp, devices, out / "logs" / "jobs.json")
+    if slurm:
+        if not cluster.main(cmp, args, out / "logs"):
+            return None
+    elif args.dry_run:
+        dry_run(cmp, devices, args.jobs or devices.slots, args.rerun_stale)
+        return None
+    else:
+        run_jobs(cmp.jobs, max(1, args.jobs or devices.slots), out / "logs", args.rerun_stale, devices)
+        write_jobs(cmp, devices, out / "logs" / "jobs.json")
     write_table(cmp, args, argv, out, started)
     return out
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,137 @@
+"""`livt compare --launcher slurm` on a real single-node SLURM (tests/slurm_local.sh starts it: slurm-wlm + munge,
+installed with apt-get when missing). Where it cannot start (not root, no package) these tests are skipped with
+the reason; under CI (env CI or LIVT_REQUIRE_SLURM set) they fail instead. They share one xdist worker
+(`--dist loadgroup`), so the daemons are started once and stopped after the last of them."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.xdist_group("slurm")
+REQUIRED = bool(os.environ.get("CI") or os.environ.get("LIVT_REQUIRE_SLURM"))
+SCRIPT = REPO / "tests" / "slurm_local.sh"
+
+
+def unavailable(reason):
+    (pytest.fail if REQUIRED else pytest.skip)(f"local SLURM unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        unavailable("submitit is not installed (pip install -e '.[cluster]')")
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        unavailable((proc.stderr or proc.stdout).strip()[-500:])
+    yield
+    subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
+
+
+def compare(out, *args, shared=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "livt.cli", "compare", "--data", "tiny", "--seeds", "0", "--output_dir", str(out),
+           *args, "--", *shared]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def table(out):
+    return {e["method"]: e for e in json.loads((out / "compare-tiny" / "comparison.json").read_text())}
+
+
+def test_chain_and_mgp_finish_with_table_from_runs_then_second_submission_reuses(tmp_path, slurm):
+    args = ["--methods", "ce,crt", "--epochs", "1", "--pretrained", "mgp", "--pretrain-args", "--optim.epochs 1",
+            "--launcher", "slurm"]
+    first = compare(tmp_path, *args, "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("submitted ") == 3  # MGP, ce (crt's stage 1 too), crt
+    assert first.stdout.count(" after ") == 2  # ce after MGP, crt after ce: SLURM dependencies
+    rows = table(tmp_path)
+    for method in ("ce", "crt"):
+        own = json.loads((tmp_path / rows[method]["run_dirs"][0] / "test_results.json").read_text())
+        assert rows[method]["top1"] == own["top1"] and not rows[method]["errors"]
+    second = compare(tmp_path, *args)  # the same comparison again: nothing is submitted twice
+    assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout[-3000:]
+    assert [line.split()[0] for line in second.stdout.splitlines()[:3]] == ["reused"] * 3
+
+
+def test_failing_job_is_named_its_dependent_cancelled_and_the_rest_finish(tmp_path, slurm):
+    # ce starts from an encoder file that cannot be read: its job fails at run time; crt (after ce) is
+    # cancelled by SLURM; bal_ce@scratch does not depend on either and finishes
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    proc = compare(tmp_path, "--methods", "ce,crt,bal_ce@scratch", "--epochs", "1", "--pretrained", str(bad),
+                   "--launcher", "slurm", "--wait")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = table(tmp_path)
+    assert rows["ce"]["n_failed"] == 1 and "broken.safetensors: not a safetensors file" in rows["ce"]["errors"][0]
+    assert rows["crt"]["n_failed"] == 1 and "broken.safetensors" in rows["crt"]["errors"][0]  # its stage 1's error
+    crt_line = next(line for line in proc.stdout.splitlines() if "-crt-" in line and line.startswith("failed"))
+    assert crt_line.endswith("a run it depends on failed")  # cancelled by SLURM, never ran
+    assert rows["bal_ce@scratch"]["n_failed"] == 0 and rows["bal_ce@scratch"]["top1"] is not None
+    assert "| ce (failed) |" in (tmp_path / "compare-tiny" / "comparison.md").read_text()
+
+
+def test_usr1_requeues_and_resumes_to_the_uninterrupted_weights(tmp_path, slurm):
+    args = ["--methods", "ce", "--epochs", "4"]
+    shared = ["--save_every_steps", "1"]
+    proc = compare(tmp_path / "slurm", *args, "--launcher", "slurm", shared=shared)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next((tmp_path / "slurm").glob("finetune-*"))
+    job_id = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+    deadline = time.time() + 300
+    while not list(run_dir.glob("state/step_00000000[3-9]")) and time.time() < deadline:
+        time.sleep(0.2)
+    # what `sbatch --signal=USR1@T` sends at T seconds before the time limit: every process of the job's steps
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    # SLURM holds a requeued job for 2 minutes (its BeginTime) before it may start again: move that to now
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                                             text=True).stdout and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    again = compare(tmp_path / "slurm", *args, "--launcher", "slurm", "--wait", shared=shared)
+    assert again.returncode == 0 and "submitted before" in again.stdout, again.stdout[-3000:]
+    log = (tmp_path / "slurm" / "compare-tiny" / "logs" / f"{run_dir.name}.log").read_text()
+    assert "SIGUSR1: saved the training state" in log and log.count(f"# SLURM job {job_id}") == 2  # requeued
+    straight = compare(tmp_path / "local", *args, shared=shared)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(run_dir / "classifier.safetensors")
+    b = load_file(next((tmp_path / "local").glob("finetune-*")) / "classifier.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, slurm):
+    for option, expected in ((["--slurm.partition", "nosuch"], "--slurm.partition 'nosuch' is not a partition"),
+                             (["--slurm.extra=--nodes=99"], "sbatch rejects"),
+                             (["--slurm.time", "soon"], "--slurm.time expects"),
+                             (["--gpus", "0"], "--gpus / --gpus-per-run / --jobs are for the local launcher")):
+        proc = compare(tmp_path, "--methods", "ce", "--launcher", "slurm", *option)
+        assert proc.returncode != 0 and expected in proc.stderr, (option, proc.stderr[-2000:])
+    assert not list(tmp_path.glob("finetune-*"))
+
+
+def test_dry_run_plans_multi_node_jobs_without_a_cluster(capsys):
+    # no SLURM needed: the plan is printed, nothing is checked or submitted
+    from livt import compare as compare_lib
+
+    assert compare_lib.main(["--data", "tiny", "--methods", "crt", "--pretrained", "mgp", "--launcher", "slurm",
+                             "--slurm.gpus_per_node", "4", "--slurm.nodes", "2", "--slurm.time", "1-12:00:00",
+                             "--slurm.extra=--exclusive", "--dry-run", "--output_dir", "/nonexistent"]) is None
+    out = capsys.readouterr().out
+    assert "sbatch --time=2160 --nodes=2 --ntasks-per-node=1 --cpus-per-task=32 --signal=USR1@120 " \
+           "--gpus-per-node=4 --exclusive" in out
+    lines = out.splitlines()
+    ce = next(i for i, line in enumerate(lines) if line.startswith("submit") and "-ce-" in line)
+    assert lines[ce + 1].strip().startswith("after: afterok:pretrain-")
+    assert "--num_processes 8 --num_machines 2 --machine_rank '$SLURM_NODEID' --main_process_ip FIRST_NODE" in out
+    assert out.count("\nsubmit ") == 3 and out.startswith("plan: 3 SLURM jobs for 1 rows")
+    assert not Path("/nonexistent").exists()
