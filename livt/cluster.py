@@ -22,11 +22,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from livt.compare import Comparison, Job, classify, command, current_commit, last_error, say, shown
+from livt.jobs import Comparison, Job, classify, command, current_commit, last_error, say, shown
 
 STATE_FILE = "slurm_job.json"  # in the run directory: the SLURM job that makes it, and its log
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
-          "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+          "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}  # UNKNOWN: the controller did not answer
 PORT = 29500  # multi-node runs: the rendezvous port on the first node (one run per allocation)
 
 
@@ -133,7 +133,7 @@ def check(args: argparse.Namespace) -> None:
 
 
 def node_command(job: Job, gpus_per_node: int, nodes: int, rank: str = "", first_node: str = "") -> list[str]:
-    """The command of `job` on one node of its allocation: `compare.command`, with Accelerate's multi-machine
+    """The command of `job` on one node of its allocation: `jobs.command`, with Accelerate's multi-machine
     options (this node's rank, the allocation's first node as the rendezvous) when the run spans several nodes;
     in a job they are read from SLURM's environment."""
     cmd = command(job, max(1, gpus_per_node) * nodes)
@@ -202,11 +202,14 @@ def executor(args: argparse.Namespace, folder: Path):
 
 
 def job_state(job_id: str) -> str:
-    """SLURM's state of a job ('' once the controller has forgotten it)."""
-    for tok in scontrol("scontrol", "show", "job", "-o", job_id).stdout.split():
-        if tok.startswith("JobState="):
-            return tok.split("=", 1)[1]
-    return ""
+    """SLURM's state of a job: '' once the controller has forgotten it, UNKNOWN while it does not answer."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "UNKNOWN"
+    if out.returncode:
+        return "" if "Invalid job id" in out.stderr else "UNKNOWN"
+    return next((tok.split("=", 1)[1] for tok in out.stdout.split() if tok.startswith("JobState=")), "UNKNOWN")
 
 
 def recorded(job: Job) -> dict:

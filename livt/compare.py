@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -60,57 +59,26 @@ from typing import Any
 import numpy as np
 
 from livt import config as config_lib
-from livt.engine import provenance, state_dirs
+from livt.engine import provenance
+from livt.jobs import (
+    Comparison,
+    Job,
+    Row,
+    classify,
+    command,
+    current_commit,
+    free_port,
+    is_stale,
+    job_env,
+    last_error,
+    results_of,
+    say,
+    shown,
+)
 
 PRETRAIN_SHARED = ("data.", "model.name", "model.patch_size")  # shared overrides pretraining also takes
 METRICS = ("top1", "many", "medium", "few", "head", "tail", "ece", "mce", "nll")
 SCRATCH = "@scratch"
-
-
-@dataclass
-class Job:
-    """One fine-tuning (or pretraining) process of the comparison."""
-
-    key: str  # the run directory: one job per directory, however many rows need it
-    argv: list[str]
-    stage: str = "finetune"
-    deps: list[str] = field(default_factory=list)
-    status: str = "pending"  # pending | running | done | reused | failed
-    error: str = ""
-    note: str = ""  # what `classify` found in the run directory: stale, resume from a saved state
-    proc: subprocess.Popen | None = None
-    started: float = 0.0  # wall clock (time.time()) of the launch and of the end
-    ended: float = 0.0
-    devices: list[str] = field(default_factory=list)  # the GPU ids it ran on (CUDA_VISIBLE_DEVICES)
-    log: Path | None = None
-
-    @property
-    def done_file(self) -> Path:
-        return Path(self.key) / ("encoder.safetensors" if self.stage == "pretrain" else "test_results.json")
-
-
-@dataclass
-class Row:
-    """One (method, seed) of the table, with the jobs it needs (its own last)."""
-
-    method: str  # the row's name: METHOD[@scratch][key=value,...] (--vary)
-    seed: int
-    balanced: bool = False
-    jobs: list[str] = field(default_factory=list)
-    error: str = ""
-    cnn: bool = False
-
-
-@dataclass
-class Comparison:
-    """The plan of a comparison: its jobs (one per run directory) and its rows. Both launchers (this
-    module's `run_jobs` on one machine, livt.cluster on SLURM) run `jobs` and build the table from `rows`."""
-
-    jobs: dict[str, Job]
-    rows: list[Row]
-    ce_of: dict[str, str]  # --relative: the plain-CE row of each row's backbone
-    seeds: list[int]
-    processes: int = 1  # processes per run (--gpus-per-run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,39 +235,6 @@ def flag_groups(tokens: list[str]) -> list[list[str]]:
     return groups
 
 
-def results_of(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "test_results.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def current_commit() -> str | None:
-    return provenance()["git_commit"]
-
-
-def is_stale(results: dict, commit: str | None) -> bool:
-    """Made by another commit than the current one (or from a tree with uncommitted changes)."""
-    prov = results.get("provenance") or {}
-    return commit is None or prov.get("git_commit") != commit or bool(prov.get("git_dirty"))
-
-
-def classify(jobs: dict[str, Job], commit: str | None, rerun_stale: bool) -> None:
-    """What each run directory already holds: a finished run is reused (`note` says when it is stale; with
-    `rerun_stale` it runs again, --overwrite), an interrupted one resumes from its last saved state."""
-    for job in jobs.values():
-        if job.done_file.is_file():
-            stale = job.stage == "finetune" and is_stale(results_of(job.key) or {}, commit)
-            job.note = "stale: another commit" if stale else ""
-            if stale and rerun_stale:
-                job.argv, job.note = [*job.argv, "--overwrite"], "stale: another commit, run again"
-            else:
-                job.status = "reused"
-        elif state_dirs(Path(job.key)):
-            job.note = f"resume from {state_dirs(Path(job.key))[-1].name}"
-
-
 # ---------------------------------------------------------------------------------------------
 # Devices
 
@@ -367,44 +302,8 @@ def devices_of(gpus: str, per_run: int) -> Devices:
     return Devices(ids, per_run, cpu=fake or not ids)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(job: Job, processes: int = 1, port: int | None = None) -> list[str]:
-    """The command line of `job`: `python -m livt.cli STAGE ARGV --resume auto`, through `accelerate launch`
-    (torchrun's launcher) with `processes` processes when there are several; its environment: `job_env`."""
-    cli = ["-m", "livt.cli", job.stage, *job.argv, "--resume", "auto"]
-    if processes == 1:
-        return [sys.executable, *cli]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if port is not None:
-        launch += ["--main_process_port", str(port)]  # concurrent runs on one node: one port each
-    return [*launch, *cli]
-
-
-def job_env(ids: list[str], processes: int = 1, cpu: bool = False) -> dict[str, str]:
-    """What a job's environment adds: its GPUs, and for several processes on the CPU (pretended GPUs)
-    ACCELERATE_USE_CPU, which makes the launched processes one gloo group on the CPU (`accelerate launch --cpu`
-    would start a single process without MPI)."""
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if ids else {}
-    return {**env, "ACCELERATE_USE_CPU": "true"} if cpu and processes > 1 else env
-
-
-def shown(cmd: list[str], env: dict[str, str] | None = None) -> str:
-    return " ".join([*(f"{k}={v}" for k, v in (env or {}).items()),
-                     *(shlex.quote(c) for c in cmd)]).replace(shlex.quote(sys.executable), "python")
-
-
 # ---------------------------------------------------------------------------------------------
 # Running
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def dry_run(cmp: Comparison, devices: Devices, n_parallel: int, rerun_stale: bool) -> None:
@@ -501,18 +400,6 @@ def launch(job: Job, ids: list[str], processes: int, cpu: bool, logs: Path, env:
         f.flush()
         job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**env, **extra})
-
-
-def last_error(log: Path | None, code: int) -> str:
-    """The last line of a failed run's log that names an error (its exception), else the exit code."""
-    try:
-        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        if "Error" in line or "error:" in line.lower():
-            return line[:300]
-    return f"exit code {code}"
 
 
 # ---------------------------------------------------------------------------------------------

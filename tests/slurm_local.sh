@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A single-node SLURM on this host, for tests and for trying `livt compare --launcher slurm`.
-#   tools/slurm_local.sh start    # installs slurm-wlm + munge if missing (root, apt-get), starts the daemons,
+#   tests/slurm_local.sh start    # installs slurm-wlm + munge if missing (root, apt-get), starts the daemons,
 #                                 # waits until `sinfo` shows the node idle (idempotent: a running one is kept)
-#   tools/slurm_local.sh status   # sinfo
-#   tools/slurm_local.sh stop     # stops the daemons it started
+#   tests/slurm_local.sh status   # sinfo
+#   tests/slurm_local.sh stop     # cancels its jobs, stops the daemons, removes its state
 # No systemd: munged, slurmctld and slurmd run directly. 2 CPUs, no GPUs, no cgroups, no accounting;
 # JobRequeue=1 so pre-empted jobs are requeued. State under $LIVT_SLURM_STATE (default /tmp/livt-slurm).
 set -euo pipefail
@@ -79,10 +79,19 @@ start() {
     die "the node did not become idle; see $STATE/slurmctld.log and $STATE/slurmd.log"
 }
 
-stop() {
+stop() {  # cancels what is queued, stops the daemons (waiting for them to exit) and forgets the cluster's state
+    scancel --user="$(id -un)" 2>/dev/null || true
     for d in slurmd slurmctld; do
         [ -f "$STATE/$d.pid" ] && kill "$(cat "$STATE/$d.pid")" 2>/dev/null || true
     done
+    for _ in $(seq 40); do
+        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+        sleep 0.5
+    done
+    pkill -9 -x slurmd 2>/dev/null || true
+    pkill -9 -x slurmctld 2>/dev/null || true
+    pkill -9 -x slurmstepd 2>/dev/null || true
+    rm -rf "$STATE"
     echo "slurm_local: stopped"
 }
 

@@ -5,6 +5,7 @@ the reason; under CI (env CI or LIVT_REQUIRE_SLURM set) they fail instead. They 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,8 +38,8 @@ def slurm():
     subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
-def compare(out, *args, shared=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def compare(out, *args, shared=(), env=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **dict(env)}
     cmd = [sys.executable, "-m", "livt.cli", "compare", "--data", "tiny", "--seeds", "0", "--output_dir", str(out),
            *args, "--", *shared]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -51,15 +52,22 @@ def table(out):
 def test_chain_and_mgp_finish_with_table_from_runs_then_second_submission_reuses(tmp_path, slurm):
     args = ["--methods", "ce,crt", "--epochs", "1", "--pretrained", "mgp", "--pretrain-args", "--optim.epochs 1",
             "--launcher", "slurm"]
-    first = compare(tmp_path, *args, "--wait")
+    first = compare(tmp_path, *args)  # submits and returns
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.stdout.count("submitted ") == 3  # MGP, ce (crt's stage 1 too), crt
     assert first.stdout.count(" after ") == 2  # ce after MGP, crt after ce: SLURM dependencies
+    collected = compare(tmp_path, *args, "--collect")  # crt cannot have started: it waits for MGP and ce
+    assert collected.returncode == 0 and "submitted" not in collected.stdout, collected.stderr[-3000:]
+    error = table(tmp_path)["crt"]["errors"][0]  # the first unfinished run of its chain, with its SLURM job
+    assert re.fullmatch(r"seed 0: still (pending|running) \(SLURM job \d+\)", error), error
+    waited = compare(tmp_path, *args, "--wait")  # the same command again follows the queued jobs
+    assert waited.returncode == 0, waited.stdout[-3000:] + waited.stderr[-3000:]
+    assert "submitted " not in waited.stdout.replace("submitted before", "")
     rows = table(tmp_path)
     for method in ("ce", "crt"):
         own = json.loads((tmp_path / rows[method]["run_dirs"][0] / "test_results.json").read_text())
         assert rows[method]["top1"] == own["top1"] and not rows[method]["errors"]
-    second = compare(tmp_path, *args)  # the same comparison again: nothing is submitted twice
+    second = compare(tmp_path, *args)  # once more: nothing is submitted
     assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout[-3000:]
     assert [line.split()[0] for line in second.stdout.splitlines()[:3]] == ["reused"] * 3
 
@@ -94,14 +102,18 @@ def test_usr1_requeues_and_resumes_to_the_uninterrupted_weights(tmp_path, slurm)
     # what `sbatch --signal=USR1@T` sends at T seconds before the time limit: every process of the job's steps
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     # SLURM holds a requeued job for 2 minutes (its BeginTime) before it may start again: move that to now
-    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                                             text=True).stdout and time.time() < deadline:
+    def requeued():  # back in the queue (it is COMPLETING first), with one restart
+        state = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        return "JobState=PENDING" in state and "Restarts=1" in state
+
+    while not requeued() and time.time() < deadline:
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     again = compare(tmp_path / "slurm", *args, "--launcher", "slurm", "--wait", shared=shared)
     assert again.returncode == 0 and "submitted before" in again.stdout, again.stdout[-3000:]
     log = (tmp_path / "slurm" / "compare-tiny" / "logs" / f"{run_dir.name}.log").read_text()
-    assert "SIGUSR1: saved the training state" in log and log.count(f"# SLURM job {job_id}") == 2  # requeued
+    assert "SIGUSR1: saved the training state" in log and log.count(f"# SLURM job {job_id}") == 2, \
+        again.stdout[-2000:] + log[-2000:]  # requeued: started twice
     straight = compare(tmp_path / "local", *args, shared=shared)
     assert straight.returncode == 0, straight.stderr[-3000:]
     a = load_file(run_dir / "classifier.safetensors")
@@ -116,6 +128,12 @@ def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, slurm):
                              (["--gpus", "0"], "--gpus / --gpus-per-run / --jobs are for the local launcher")):
         proc = compare(tmp_path, "--methods", "ce", "--launcher", "slurm", *option)
         assert proc.returncode != 0 and expected in proc.stderr, (option, proc.stderr[-2000:])
+    # a controller that does not answer: this cluster's configuration with another port
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("".join(line for line in open(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+                            if not line.startswith("SlurmctldPort")) + "SlurmctldPort=6999\n")
+    proc = compare(tmp_path, "--methods", "ce", "--launcher", "slurm", env={"SLURM_CONF": str(conf)})
+    assert proc.returncode != 0 and "the SLURM controller cannot be reached" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.glob("finetune-*"))
 
 
