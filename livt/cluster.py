@@ -255,6 +255,7 @@ def dry_run(cmp: Comparison, args: argparse.Namespace) -> None:
 def submit(cmp: Comparison, args: argparse.Namespace, logs: Path) -> None:
     """Submit every job not finished and not already queued, dependencies first (afterok)."""
     check(args)
+    logs.mkdir(parents=True, exist_ok=True)
     extra = extra_options(args)
     ex = executor(args, logs / "slurm")
     classify(cmp.jobs, current_commit(), args.rerun_stale)
@@ -349,7 +350,6 @@ def main(cmp: Comparison, args: argparse.Namespace, logs: Path) -> bool:
     if args.collect:
         collect(cmp)
         return True
-    logs.mkdir(parents=True, exist_ok=True)
     submit(cmp, args, logs)
     if not any(job.status == "running" for job in cmp.jobs.values()):
         return True  # nothing queued: every run finished (or failed) already

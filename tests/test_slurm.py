@@ -38,8 +38,8 @@ def slurm():
     subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
-def compare(out, *args, shared=(), env=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **dict(env)}
+def compare(out, *args, shared=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "livt.cli", "compare", "--data", "tiny", "--seeds", "0", "--output_dir", str(out),
            *args, "--", *shared]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -121,20 +121,27 @@ def test_usr1_requeues_and_resumes_to_the_uninterrupted_weights(tmp_path, slurm)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, slurm):
-    for option, expected in ((["--slurm.partition", "nosuch"], "--slurm.partition 'nosuch' is not a partition"),
-                             (["--slurm.extra=--nodes=99"], "sbatch rejects"),
-                             (["--slurm.time", "soon"], "--slurm.time expects"),
-                             (["--gpus", "0"], "--gpus / --gpus-per-run / --jobs are for the local launcher")):
-        proc = compare(tmp_path, "--methods", "ce", "--launcher", "slurm", *option)
-        assert proc.returncode != 0 and expected in proc.stderr, (option, proc.stderr[-2000:])
+def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, slurm, monkeypatch):
+    from livt import compare as compare_lib
+
+    def refused(*option):
+        with pytest.raises(SystemExit) as e:
+            compare_lib.main(["--data", "tiny", "--methods", "ce", "--output_dir", str(tmp_path), "--launcher",
+                              "slurm", *option])
+        return str(e.value.code)
+
+    assert "--slurm.partition 'nosuch' is not a partition of this cluster (known: debug)" in \
+        refused("--slurm.partition", "nosuch")
+    assert "sbatch rejects the options" in refused("--slurm.extra=--nodes=99")
+    assert "--slurm.time expects [D-]HH:MM:SS, got 'soon'" in refused("--slurm.time", "soon")
+    assert "--gpus / --gpus-per-run / --jobs are for the local launcher" in refused("--gpus", "0")
     # a controller that does not answer: this cluster's configuration with another port
     conf = tmp_path / "slurm.conf"
     conf.write_text("".join(line for line in open(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
                             if not line.startswith("SlurmctldPort")) + "SlurmctldPort=6999\n")
-    proc = compare(tmp_path, "--methods", "ce", "--launcher", "slurm", env={"SLURM_CONF": str(conf)})
-    assert proc.returncode != 0 and "the SLURM controller cannot be reached" in proc.stderr, proc.stderr[-2000:]
-    assert not list(tmp_path.glob("finetune-*"))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    assert "the SLURM controller cannot be reached" in refused()
+    assert not list(tmp_path.glob("finetune-*")) and not list(tmp_path.glob("compare-*"))
 
 
 def test_dry_run_plans_multi_node_jobs_without_a_cluster(capsys):
