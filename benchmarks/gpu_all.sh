@@ -48,7 +48,7 @@ if [[ -n "${TINY:-}" ]]; then
   DATA=$WORK/data_carry/cifar10_lt
   STUDY=(--data cifar10_lt_cpu --epochs 1 --pretrain-args "--optim.epochs 1 --optim.warmup_epochs 0")
   STUDY_SHARED=(--aug.pad 2 --data.batch_size 32 --optim.batch_size 32)
-  METHODS=bal_bce,ce,resnet_bal_ce  # one of each kind (MGP + ViT, plain, CNN): CI time
+  METHODS=bal_bce,bal_bce@scratch,resnet_bal_ce  # one of each kind (ViT from MGP, from scratch, CNN): CI time
 else
   LIMIT=(40 150 180 180)  # hard caps, 550 s in all: a part that overruns its plan cannot push the call past 600 s
   DATA=${DATA:-data_carry/cifar10_lt}
@@ -86,7 +86,7 @@ print("torch", torch.__version__, "accelerate", accelerate.__version__, "timm", 
   cp "$WORK/results/machine.txt" "$OUT/machine.txt"
   if [[ -n "${TINY:-}" ]]; then
     python3 benchmarks/jpeg_tree.py "$TREE" --classes 5 --max-per-class 40 --imbalance 4 --eval-per-class 2
-    # a CIFAR-format stand-in (200 training images per class), packed the way data_carry is
+    # a CIFAR-format stand-in (100 training images per class), packed the way data_carry is
     python3 - "$WORK/cifar_full" <<'EOF'
 import sys
 from pathlib import Path

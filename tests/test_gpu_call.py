@@ -1,15 +1,18 @@
 """The prepared GPU call (benchmarks/gpu_all.sh) on the CPU at tiny sizes, as CI runs it: every part runs and
-passes, and benchmarks/gpu_tables.py turns its $OUT into the BENCHMARKS.md / RESULTS.md blocks with every
-expected row. The packed CIFAR-10-LT (benchmarks/pack_cifar10_lt.py) round-trips bitwise."""
+passes (its study is RESULTS.md's CPU-scale study command, checked run by run), and benchmarks/gpu_tables.py
+turns its $OUT into the BENCHMARKS.md / RESULTS.md blocks with every expected row. The packed CIFAR-10-LT
+(benchmarks/pack_cifar10_lt.py) round-trips bitwise."""
 
 import json
 import os
 import re
 import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from benchmarks import gpu_tables, pack_cifar10_lt
 from livt import config
@@ -18,7 +21,7 @@ from livt.data.cifar import long_tail_counts
 from tests.conftest import REPO
 
 STUDY_METHODS = ("bal_bce", "bal_ce", "ce", "bce", "bal_bce@scratch", "resnet_bal_ce", "ldam_drw")
-TINY_STUDY = ("bal_bce", "ce", "resnet_bal_ce")  # TINY runs one of each kind (gpu_all.sh's METHODS)
+TINY_STUDY = ("bal_bce", "bal_bce@scratch", "resnet_bal_ce")  # TINY: one of each kind (gpu_all.sh's METHODS)
 
 
 def table_rows(md: str) -> list[str]:
@@ -81,6 +84,27 @@ def test_tiny_gpu_call_runs_on_cpu_and_becomes_the_tables(tmp_path):
     study_rows = [row.removesuffix(" (stale)") for row in table_rows(results_md)]  # stale: a dirty tree
     for method in TINY_STUDY:
         assert method in study_rows, method
+    assert "| few | head | tail |" in results_md  # CIFAR-10-LT x100 has no few-shot class: head / tail halves too
+    check_study_runs(work)
+
+
+def check_study_runs(work):
+    """TINY's study is RESULTS.md's CPU-scale CIFAR-10-LT study command (the `cifar10_lt_cpu` presets, MGP once,
+    ViT rows from it and from scratch, a CNN recipe, compressed schedules) on a CIFAR-format stand-in."""
+    table = {e["method"]: e for e in json.loads((work / "results" / "study" / "comparison.json").read_text())}
+    assert set(table) == set(TINY_STUDY)
+    for name, e in table.items():
+        assert e["n_failed"] == 0 and 0 <= e["top1"] <= 100 and e["epochs"] == 1, (name, e)
+    (pretrain,) = (work / "runs").glob("pretrain-*")
+    assert (pretrain / "encoder.safetensors").is_file()
+    cfgs = {name: yaml.safe_load((Path(e["run_dirs"][0]) / "config.yaml").read_text()) for name, e in table.items()}
+    assert cfgs["bal_bce"]["pretrained"] == str(pretrain / "encoder.safetensors")
+    assert cfgs["bal_bce@scratch"]["from_scratch"] and cfgs["resnet_bal_ce"]["from_scratch"]
+    for cfg in cfgs.values():  # every split at 16 px, held in memory
+        assert cfg["data"]["stored_size"] == cfg["data"]["img_size"] == 16 and cfg["data"]["on_device"]
+    cnn = cfgs["resnet_bal_ce"]
+    assert cnn["model"]["name"] == "resnet32" and cnn["optim"]["step_epochs"] == [1, 1]  # 160, 180 of 200
+    assert cfgs["bal_bce"]["model"] == {**cfgs["bal_bce"]["model"], "name": "vit_micro", "patch_size": 4}
 
 
 def test_gpu_study_preset_plans_every_row():
