@@ -208,68 +208,14 @@ class OptimConfig:
 class LossConfig:
     name: str = "bal_bce"
     """loss (livt.losses.LOSSES): ce | bce | bal_ce | bal_bce | focal | cb_ce | cb_focal | cb_bce | weighted_ce |
-    ldam | lade | ib | seql | cdt | gbl"""
-    tau: float = 1.0
-    """scale of the logit bias (Bal-CE, Bal-BCE)"""
-    bias: str = "eq10"
-    """Bal-BCE bias: eq10 (paper, + log(C-1)) | eq6 (official code)"""
+    ldam | lade | ib | seql | cdt | gbl | label_aware_smoothing | reslt | sade"""
     test_prior_file: str = ""
-    """'<label> <count>' file of a known test prior (Theorem 3); empty = balanced test set"""
+    """'<label> <count>' file of a known test prior (Theorem 3; bal_bce's test_prior); empty = balanced test set"""
     label_smoothing: float = 0.1
     """label smoothing (through mixup targets)"""
-    focal_gamma: float = 2.0
-    """focal loss gamma"""
-    cb_beta: float = 0.9999
-    """class-balanced (effective number) beta (cb_ce, cb_focal, cb_bce)"""
-    ldam_s: float = 30.0
-    """LDAM scale s of the cosine logits (margins in training only; prediction uses the head's s * cos)"""
-    ldam_max_margin: float = 0.5
-    """LDAM margin of the rarest class (m_c ~ n_c^(-1/4))"""
-    drw_start: float = 0.8
-    """LDAM deferred re-weighting: class-balanced weights from this fraction of training on (>= 1 = off)"""
-    drw_beta: float = 0.9999
-    """LDAM deferred re-weighting: effective-number beta of its weights"""
-    drw_mean: str = "weighted"
-    """LDAM deferred re-weighting: weighted (the official code: sum_i w_i loss_i / sum_i w_i) | plain (livt's
-    re-weighting convention: (1/B) sum_i w_i loss_i)"""
-    lade_alpha: float = 0.1
-    """LADE weight of the LADER regulariser (0.1 CIFAR-100-LT, 0.005 ImageNet-LT in the paper)"""
-    lade_lambda: float = 0.1
-    """LADE ReMINE penalty lambda on the squared log-partition"""
-    ib_alpha: float = 1000.0
-    """IB loss scale alpha"""
-    ib_start: float = 0.5
-    """IB loss: plain CE until this fraction of training, then the influence-balanced weights"""
-    seql_gamma: float = 0.9
-    """SEQL probability that a rare negative class leaves the softmax denominator"""
-    seql_threshold: float = 1e-3
-    """SEQL frequency threshold lambda: classes with n_c / N below it count as rare"""
-    cdt_gamma: float = 0.2
-    """CDT exponent: training logits z_c / (n_max / n_c)^gamma"""
-    gbl_s: float = 1.0
-    """GBL scale s of alpha = s (c^progress - 1) (1 CIFAR-100-LT / ImageNet-LT, 0.5 iNat18)"""
-    gbl_c: float = 2.0
-    """GBL base c of alpha = s (c^progress - 1) (2 = convex, the paper's best)"""
-    reslt_alpha: float = 0.995
-    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * the pooled branch CE"""
-    reslt_groups: str = "rank"
-    """ResLT head / medium / tail groups: rank (the official code: fixed slices of the classes sorted by count,
-    sizes from reslt_split) | log_count (the paper's reading: three groups of equal imbalance factor)"""
-    reslt_split: tuple[float, float] = (0.35, 0.35)
-    """ResLT rank groups: fractions of the classes that are head and medium (tail: the rest); the official
-    CIFAR-100 0.35 / 0.35; the recipe sets CIFAR-10's 0.2 / 0.2 and ImageNet-LT's 0.175 / 0.605"""
-    sade_lambda: float = 2.0
-    """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
-    las_head: float = 0.3
-    """label-aware smoothing (MiSLAS): epsilon of the largest class"""
-    las_tail: float = 0.0
-    """label-aware smoothing: epsilon of the smallest class"""
-    las_shape: str = "concave"
-    """label-aware smoothing: epsilon as a function of the class count: concave (the official code's) | linear |
-    convex"""
-    las_spread: str = "code"
-    """label-aware smoothing: code (the official code's: eps_y / K on every class) | paper (eps_y / (K - 1) on
-    each other class)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """the loss's own options, given as --loss.<option> (e.g. --loss.tau 1.5, --loss.s 30): the parameters with a
+    default of the loss function, checked against its signature and typed by its default (`loss_options`)"""
 
 
 @dataclass
@@ -468,6 +414,8 @@ def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if f.name == OPTIONS:
+            continue  # an open mapping, checked against its owner's signature (`settle_options`)
         if dataclasses.is_dataclass(tp):
             out.update(flat_fields(tp, f"{prefix}{f.name}."))
         else:
@@ -557,15 +505,88 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
-    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key."""
+    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key.
+
+    `loss.<option>` (any key of the loss section that is not a field) goes into `loss.options`, checked
+    against the loss named once the values are in (`settle_options`). Values that change the loss's name
+    start its options afresh: options given earlier belonged to the loss they named."""
     fields = flat_fields(type(cfg))
     sources = sources_of(cfg)
+    for section in open_sections(cfg):
+        key = f"{section}.name"
+        if key in values and coerce(key, values[key], str, source) != getattr(cfg, section).name:
+            getattr(cfg, section).options = {}
+            for k in [k for k in sources if k.startswith(f"{section}.") and k.count(".") == 1]:
+                if k.partition(".")[2] not in _section_fields(cfg, section):
+                    del sources[k]
     for key, value in values.items():
-        if key not in fields:
+        section, _, option = key.partition(".")
+        if key in fields:
+            _set(cfg, key, coerce(key, value, fields[key][0], source))
+        elif section in open_sections(cfg) and option and "." not in option:
+            getattr(cfg, section).options[option] = value  # checked and typed by settle_options
+        else:
             raise _unknown(key, fields, source)
-        _set(cfg, key, coerce(key, value, fields[key][0], source))
         sources[key] = source
+    settle_options(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Open option mappings: a section's `options` holds the keyword options of the function it names
+
+
+OPTIONS = "options"
+
+
+def loss_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """{option: (type, default)} of the registered loss `name` (KeyError if none)."""
+    from livt import losses  # torch: only where a config with a loss is settled
+
+    if name not in losses.LOSSES:
+        raise KeyError(f"unknown loss '{name}'; choose one of {', '.join(losses.LOSSES)}")
+    return losses.options(name)
+
+
+# section -> its option table of a name; a section listed here has `name` and `options` fields
+OPTION_TABLES = {"loss": loss_options}
+
+
+def open_sections(cfg: Any) -> list[str]:
+    """The sections of a config (class or instance) that hold an options mapping."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return [s for s in OPTION_TABLES if s in names]
+
+
+def _section_fields(cfg: Any, section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(getattr(cfg, section)) if f.name != OPTIONS]
+
+
+def settle_options(cfg: Any) -> None:
+    """Check each open section's given options against the options of the function it names, coerce them to
+    the type of its default, and fill in the defaults of the rest (so every option of the chosen function
+    is in the config, its hash and config.yaml, whether given or not). ConfigError naming the source."""
+    sources = sources_of(cfg)
+    for section in open_sections(cfg):
+        sec = getattr(cfg, section)
+        try:
+            table = OPTION_TABLES[section](sec.name)
+        except KeyError as e:
+            raise ConfigError(f"{sources.get(f'{section}.name', 'defaults')}: key '{section}.name': "
+                              f"{e.args[0]}") from None
+        clash = sorted(set(table) & set(_section_fields(cfg, section)))
+        if clash:
+            raise ConfigError(f"{section} '{sec.name}': option(s) {clash} shadow a field of the {section} section")
+        given = {k: v for k, v in sec.options.items() if f"{section}.{k}" in sources}
+        for option in given:
+            if option not in table:
+                where = sources[f"{section}.{option}"]
+                where = "command line" if where.startswith("--") else where
+                valid = [f"{section}.{k}" for k in [*_section_fields(cfg, section), *table]]
+                raise ConfigError(f"{_unknown(f'{section}.{option}', valid, where)} ({section} '{sec.name}' takes "
+                                  f"the options: {', '.join(table) or 'none'})")
+        sec.options = {k: coerce(f"{section}.{k}", given[k], tp, sources[f"{section}.{k}"]) if k in given
+                       else default for k, (tp, default) in table.items()}
 
 
 def sources_of(cfg: Any) -> dict[str, str]:
@@ -577,7 +598,11 @@ def sources_of(cfg: Any) -> dict[str, str]:
 
 def non_default_sources(cfg: Any) -> dict[str, str]:
     """Where each value that differs from the dataclass default came from."""
-    default = flatten(to_dict(type(cfg)()))
+    base = type(cfg)()
+    for section in open_sections(cfg):  # an option is non-default where it differs from its function's default
+        getattr(base, section).options = {k: d for k, (_, d) in OPTION_TABLES[section](
+            getattr(cfg, section).name).items()}
+    default = flatten(to_dict(base))
     current = flatten(to_dict(cfg))
     sources = sources_of(cfg)
     return {k: sources.get(k, "?") for k in current if current[k] != default.get(k) and k not in VOLATILE}
@@ -683,7 +708,8 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
             layers.insert(by_dataset_at, (extra, f"{shown(path)} (by_dataset.{kind})"))
     for values, source in layers:
         update(cfg, values, source)
-    for key, value in overrides:
+    # a --section.name override first, so that --loss.s 20 --loss.name ldam means ldam with s 20
+    for key, value in sorted(overrides, key=lambda kv: kv[0].partition(".")[2] != "name"):
         update(cfg, {key: value}, f"--{key}")
     return cfg
 
@@ -699,7 +725,12 @@ def from_dict(stage: str, values: dict[str, Any], source: str = "dict") -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, YAML/JSON friendly
+    """The config as plain YAML/JSON values (tuples -> lists); a section's options stand beside its fields
+    (loss.s, not loss.options.s), as they are given."""
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for section in open_sections(cfg):
+        d[section].update(d[section].pop(OPTIONS))
+    return d
 
 
 def data_derived(cfg: Any) -> set[str]:
@@ -755,6 +786,13 @@ def help_text(stage: str) -> str:
     current = flatten(to_dict(cfg))
     for key, (_, doc) in flat_fields(STAGES[stage]).items():
         lines.append(f"  --{key:<28} {' '.join(doc.split())} [{_show(current[key])}]")
+    if "loss" in open_sections(cfg):
+        from livt.losses import LOSSES
+
+        lines += ["", "options of each loss (--loss.<option> value; the function's defaults):"]
+        for name in LOSSES:
+            table = loss_options(name)
+            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
     return "\n".join(lines)
 
 
@@ -789,8 +827,8 @@ def parse_args(stage: str, argv: list[str]) -> Any:
             if key in named:
                 raise ConfigError(f"command line: --{key} given twice")
             named[key] = value
-        elif key in fields:
-            overrides.append((key, value))
+        elif key in fields or (key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1):
+            overrides.append((key, value))  # a section's option is checked once its function is named
         else:
             raise _unknown(key, list(fields) + list(LAYER_FLAGS), "command line")
     return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)

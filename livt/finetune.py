@@ -20,7 +20,6 @@ from livt.checkpoint import load_classifier, load_encoder, load_file_with_meta
 from livt.data import build_dataset, resolve_normalization, train_class_counts
 from livt.data.stats import class_counts, describe
 from livt.export import pretrained_cfg
-from livt.losses import build_loss
 from livt.models import WithOutputs, build_classifier, is_cnn
 from livt.models.sade import SADEClassifier
 from livt.tuning import (
@@ -30,7 +29,7 @@ from livt.tuning import (
     check_tta,
     evaluate_split,
     fit_and_report,
-    loss_options,
+    make_criterion,
     posthoc_tau,
     report,
     selection_rule,
@@ -70,7 +69,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
         load_pretrained(model, cfg.pretrained)
-    criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
+    criterion = make_criterion(cfg.loss, counts)
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
     def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:

@@ -59,7 +59,6 @@ from livt.data import build_dataset, heldout_val
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
-from livt.losses import build_loss
 from livt.models import build_head, outputs, set_head
 from livt.models.heads import CosineHead, NCMHead
 
@@ -358,7 +357,7 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     stage = STAGES2[cfg.stage2]
     model.requires_grad_(False)
     optimize = stage.trainable(model, cfg)
-    criterion = build_loss(cfg.loss.name, counts, **tuning.loss_options(cfg.loss))
+    criterion = tuning.make_criterion(cfg.loss, counts)
     targets = tuning.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
 
     def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:

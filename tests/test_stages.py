@@ -168,7 +168,7 @@ def test_mislas_scaled_head_two_sgd_steps_match_the_official_stage2():
     assert torch.allclose(scaled(feats)[:2], torch.tensor(official_logits), atol=1e-6)
     cfg = c.parse_args("finetune", ["--data", "tiny", "--method", "mislas", "--init_classifier", "x",
                                     "--optim.weight_decay", "2e-4"])
-    assert cfg.loss.las_shape == "concave" and cfg.loss.las_spread == "code" and cfg.optim.decay_all
+    assert cfg.loss.options["shape"] == "concave" and cfg.loss.options["spread"] == "code" and cfg.optim.decay_all
     criterion = build_loss("label_aware_smoothing", counts, head=0.3, tail=0.0)  # the defaults: concave, code
     optimizer = build_optimizer(scaled, cfg.optim, 0.1)
     set_lr(optimizer, 0.1)
@@ -194,10 +194,10 @@ def test_mislas_recipe_follows_the_official_configs_by_dataset():
                 "places_lt": (0.4, 0.1, True, 0.05, 5e-4)}
     for data, expected in official.items():
         cfg = c.parse_args("finetune", ["--data", data, "--method", "mislas", "--init_classifier", "x"])
-        got = (cfg.loss.las_head, cfg.loss.las_tail, cfg.decoupled.shift_bn, cfg.decoupled.head_lr_scale,
+        got = (cfg.loss.options["head"], cfg.loss.options["tail"], cfg.decoupled.shift_bn, cfg.decoupled.head_lr_scale,
                cfg.optim.weight_decay)
         assert got == expected, data
-        assert cfg.loss.las_shape == "concave" and cfg.optim.lr == 0.1 and cfg.optim.epochs == 10
+        assert cfg.loss.options["shape"] == "concave" and cfg.optim.lr == 0.1 and cfg.optim.epochs == 10
 
 
 def test_lws_folded_head_is_the_scaled_head():
