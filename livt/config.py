@@ -6,7 +6,8 @@ Layers, lowest first, each strict:
     < `--section.key value` overrides.
 Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
 (and the file it came from) and suggesting the closest valid key. The resolved config remembers which
-layer set each non-default value (`sources`), and `config.yaml` records it.
+layer set each non-default value (`sources`), and `config.yaml` records it. A loss's options are its
+function's own keyword arguments (`--loss.s 30`), checked against the loss named (`settle_options`).
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
@@ -242,44 +243,10 @@ class AugConfig:
 
 @dataclass
 class DecoupledConfig:
-    tau_min: float = 0.0
-    """tau-norm: smallest tau of the sweep"""
-    tau_max: float = 2.0
-    """tau-norm: largest tau of the sweep"""
-    tau_steps: int = 21
-    """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
-    ncm_metric: str = "l2"
-    """NCM: l2 (the official code's `cl2n` + `l2`: squared Euclidean distance of the centred, L2-normalised
-    feature to the class means of the centred, L2-normalised training features; an `ncm` head) | cosine (the
-    paper's wording: cosine to the normalised mean of each class's L2-normalised features; a `cosine` head)"""
-    shift_bn: bool = False
-    """trained second stages: BatchNorm layers in training mode, their statistics re-estimated on the stage's
-    batches (MiSLAS's shifted BN; its official configs: off on CIFAR-10-LT, on elsewhere)"""
-    head_lr_scale: float = 1.0
-    """mislas: the stage-1 head's lr is this x the lr, the learned per-class scales' the lr itself (the official
-    `lr_factor`: 0.5 CIFAR-10-LT x100, 0.2 CIFAR-100-LT x100, 0.05 ImageNet-LT / iNat / Places-LT)"""
-
-
-@dataclass
-class AFGConfig:
-    tukey: float = 0.5
-    """GLAG AFG: Tukey power lambda of the features, x -> sign(x) |x|^lambda (1 = none)"""
-    support: int = 2
-    """GLAG AFG: support classes per tail sample (K, 2-3 in the paper)"""
-    gamma: float = 0.0
-    """GLAG AFG: added to the calibrated covariance's diagonal (Eq. 9; 0 or 0.1 in the paper)"""
-    beta: float = 0.6
-    """GLAG AFG: initial confidence beta of every tail class (0.4 in the paper's ablation)"""
-    beta_step: float = 0.05
-    """GLAG AFG: beta change per epoch when a tail class's val accuracy rises (+) or falls (-)"""
-    head_min_count: int = 101
-    """GLAG AFG: classes with at least this many training images are head classes (many-shot: > 100)"""
-    kd_temperature: float = 1.0
-    """GLAG AFG: temperature of the distillation from the stage-1 head"""
-    gbl_s: float = 1.0
-    """GLAG: s of alpha(t) = s (c^t - 1), the weight of the distillation term"""
-    gbl_c: float = 2.0
-    """GLAG: c of alpha(t) = s (c^t - 1)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """the second stage's own options, given as --decoupled.<option> (e.g. --decoupled.tau_steps 11,
+    --decoupled.shift_bn true): the keyword-only parameters of the stage's function in livt.stages.STAGES2,
+    checked against its signature and typed by its default (`stage2_options`)"""
 
 
 @dataclass
@@ -351,7 +318,6 @@ class FinetuneConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
-    afg: AFGConfig = field(default_factory=AFGConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
     select: str = "auto"
@@ -508,13 +474,14 @@ def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
     """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key.
 
     `loss.<option>` (any key of the loss section that is not a field) goes into `loss.options`, checked
-    against the loss named once the values are in (`settle_options`). Values that change the loss's name
-    start its options afresh: options given earlier belonged to the loss they named."""
+    against the loss named once the values are in (`settle_options`); `decoupled.<option>` likewise for the
+    second stage `stage2` names. Values that change that name start its options afresh: options given
+    earlier belonged to the function they named."""
     fields = flat_fields(type(cfg))
     sources = sources_of(cfg)
     for section in open_sections(cfg):
-        key = f"{section}.name"
-        if key in values and coerce(key, values[key], str, source) != getattr(cfg, section).name:
+        key = OPTION_TABLES[section][0]
+        if key in values and coerce(key, values[key], str, source) != _named(cfg, section):
             getattr(cfg, section).options = {}
             for k in [k for k in sources if k.startswith(f"{section}.") and k.count(".") == 1]:
                 if k.partition(".")[2] not in _section_fields(cfg, section):
@@ -533,7 +500,7 @@ def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Open option mappings: a section's `options` holds the keyword options of the function it names
+# Open option mappings: a section's `options` holds the keyword options of the function a key names
 
 
 OPTIONS = "options"
@@ -548,8 +515,19 @@ def loss_options(name: str) -> dict[str, tuple[Any, Any]]:
     return losses.options(name)
 
 
-# section -> its option table of a name; a section listed here has `name` and `options` fields
-OPTION_TABLES = {"loss": loss_options}
+def stage2_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """{option: (type, default)} of the second stage `name` ('' = none: no options; KeyError if unknown)."""
+    if not name:
+        return {}
+    from livt import stages  # only where a second stage is named
+
+    if name not in stages.STAGES2:
+        raise KeyError(f"no second stage '{name}'; choose one of {', '.join(stages.STAGES2)}")
+    return stages.options(name)
+
+
+# section -> (the key that names its function, that function's option table)
+OPTION_TABLES = {"loss": ("loss.name", loss_options), "decoupled": ("stage2", stage2_options)}
 
 
 def open_sections(cfg: Any) -> list[str]:
@@ -562,29 +540,41 @@ def _section_fields(cfg: Any, section: str) -> list[str]:
     return [f.name for f in dataclasses.fields(getattr(cfg, section)) if f.name != OPTIONS]
 
 
+def _named(cfg: Any, section: str) -> str:
+    """The name of the function whose options `section` holds (e.g. cfg.loss.name, cfg.stage2)."""
+    obj = cfg
+    for part in OPTION_TABLES[section][0].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def option_table(cfg: Any, section: str) -> dict[str, tuple[Any, Any]]:
+    name_key, table_of = OPTION_TABLES[section]
+    try:
+        return table_of(_named(cfg, section))
+    except KeyError as e:
+        raise ConfigError(f"{sources_of(cfg).get(name_key, 'defaults')}: key '{name_key}': {e.args[0]}") from None
+
+
 def settle_options(cfg: Any) -> None:
     """Check each open section's given options against the options of the function it names, coerce them to
     the type of its default, and fill in the defaults of the rest (so every option of the chosen function
     is in the config, its hash and config.yaml, whether given or not). ConfigError naming the source."""
     sources = sources_of(cfg)
     for section in open_sections(cfg):
-        sec = getattr(cfg, section)
-        try:
-            table = OPTION_TABLES[section](sec.name)
-        except KeyError as e:
-            raise ConfigError(f"{sources.get(f'{section}.name', 'defaults')}: key '{section}.name': "
-                              f"{e.args[0]}") from None
+        sec, table, name_key = getattr(cfg, section), option_table(cfg, section), OPTION_TABLES[section][0]
         clash = sorted(set(table) & set(_section_fields(cfg, section)))
         if clash:
-            raise ConfigError(f"{section} '{sec.name}': option(s) {clash} shadow a field of the {section} section")
+            raise ConfigError(f"{name_key} '{_named(cfg, section)}': option(s) {clash} shadow a field of the "
+                              f"{section} section")
         given = {k: v for k, v in sec.options.items() if f"{section}.{k}" in sources}
         for option in given:
             if option not in table:
                 where = sources[f"{section}.{option}"]
                 where = "command line" if where.startswith("--") else where
                 valid = [f"{section}.{k}" for k in [*_section_fields(cfg, section), *table]]
-                raise ConfigError(f"{_unknown(f'{section}.{option}', valid, where)} ({section} '{sec.name}' takes "
-                                  f"the options: {', '.join(table) or 'none'})")
+                raise ConfigError(f"{_unknown(f'{section}.{option}', valid, where)} ({name_key} "
+                                  f"'{_named(cfg, section)}' takes the options: {', '.join(table) or 'none'})")
         sec.options = {k: coerce(f"{section}.{k}", given[k], tp, sources[f"{section}.{k}"]) if k in given
                        else default for k, (tp, default) in table.items()}
 
@@ -600,8 +590,7 @@ def non_default_sources(cfg: Any) -> dict[str, str]:
     """Where each value that differs from the dataclass default came from."""
     base = type(cfg)()
     for section in open_sections(cfg):  # an option is non-default where it differs from its function's default
-        getattr(base, section).options = {k: d for k, (_, d) in OPTION_TABLES[section](
-            getattr(cfg, section).name).items()}
+        getattr(base, section).options = {k: d for k, (_, d) in option_table(cfg, section).items()}
     default = flatten(to_dict(base))
     current = flatten(to_dict(cfg))
     sources = sources_of(cfg)
@@ -708,8 +697,9 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
             layers.insert(by_dataset_at, (extra, f"{shown(path)} (by_dataset.{kind})"))
     for values, source in layers:
         update(cfg, values, source)
-    # a --section.name override first, so that --loss.s 20 --loss.name ldam means ldam with s 20
-    for key, value in sorted(overrides, key=lambda kv: kv[0].partition(".")[2] != "name"):
+    # the key that names a function first, so that --loss.s 20 --loss.name ldam means ldam with s 20
+    names = {name_key for name_key, _ in OPTION_TABLES.values()}
+    for key, value in sorted(overrides, key=lambda kv: kv[0] not in names):
         update(cfg, {key: value}, f"--{key}")
     return cfg
 
@@ -793,6 +783,13 @@ def help_text(stage: str) -> str:
         for name in LOSSES:
             table = loss_options(name)
             lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+    if "decoupled" in open_sections(cfg):
+        from livt.stages import STAGES2
+
+        lines += ["", "options of each second stage (--stage2 NAME --decoupled.<option> value; the defaults):"]
+        for name in STAGES2:
+            table = stage2_options(name)
+            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
     return "\n".join(lines)
 
 
@@ -816,8 +813,9 @@ def parse_args(stage: str, argv: list[str]) -> Any:
         key = key.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if key in fields and fields[key][0] is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
+            is_option = key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1
+            if (is_option or (key in fields and fields[key][0] is bool)) and (nxt is None or nxt.startswith("--")):
+                value = "true"  # a bare flag: a boolean (an option's type is checked once its function is named)
             elif nxt is None:
                 raise ConfigError(f"command line: --{key} needs a value")
             else:
@@ -845,7 +843,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "AFGConfig", "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
+    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
     "to_dict", "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",

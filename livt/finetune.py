@@ -23,13 +23,12 @@ from livt.export import pretrained_cfg
 from livt.models import WithOutputs, build_classifier, is_cnn
 from livt.models.sade import SADEClassifier
 from livt.tuning import (
-    TargetMaker,
     build_model,
     check_pretrained_matches,
     check_tta,
+    classifier_forward,
     evaluate_split,
     fit_and_report,
-    make_criterion,
     posthoc_tau,
     report,
     selection_rule,
@@ -69,13 +68,7 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
         load_pretrained(model, cfg.pretrained)
-    criterion = make_criterion(cfg.loss, counts)
-    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
-
-    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:
-        images, target = targets(images, labels)
-        return criterion(net(images), target, trainer.plan.progress(step))
-
+    forward = classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              train_data(cfg, train, accelerator.device), train.targets, train.num_classes, forward,
                              optimize=model)

@@ -81,6 +81,14 @@ def ece_mce(logits_or_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> 
     return bins["ece"], bins["mce"]
 
 
+def class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) float64 top-1 of each class as a fraction (first maximum on ties); NaN for a class absent from
+    `labels`."""
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, (logits.argmax(1) == labels).double(), minlength=num_classes)
+    return hits / n
+
+
 def _group_mean(per_class: np.ndarray, classes: np.ndarray) -> float | None:
     acc = per_class[classes]
     acc = acc[~np.isnan(acc)]
@@ -111,8 +119,7 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
     correct = (pred == y).numpy()
     y_np = y.numpy()
     test_counts = np.bincount(y_np, minlength=num_classes).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.bincount(y_np, correct.astype(np.float64), minlength=num_classes) / test_counts * 100
+    per_class = class_accuracy(z, y, num_classes).numpy() * 100
     confusion = np.bincount(y_np * num_classes + pred.numpy(), minlength=num_classes**2)
     groups = shot_groups(train_counts)
     bins = reliability_bins(z, y)

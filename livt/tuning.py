@@ -58,6 +58,19 @@ def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
     return build_loss(cfg.name, counts, **options)
 
 
+def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray, num_classes: int,
+                       progress: Callable[[int], float]) -> Callable[..., torch.Tensor]:
+    """`forward(net, images, labels, indices, step) -> loss` of classifier training (ordinary fine-tuning, a
+    trained second stage, the benchmark): the recipe's loss on mixup / smoothed targets at `progress(step)`."""
+    criterion = make_criterion(cfg.loss, counts)
+    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, num_classes)
+
+    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step: int) -> torch.Tensor:
+        images, target = targets(images, labels)
+        return criterion(net(images), target, progress(step))
+    return forward
+
+
 class TargetMaker:
     """Mixup / CutMix (timm) with label smoothing; hard labels become soft targets.
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from livt import config as c
-from livt import stages, tuning
+from livt import engine, stages, tuning
+from livt.data import build_dataset
 from livt.losses import LOSSES, SIGMOID, SOFTMAX
 from livt.metrics import posthoc_adjust
 from livt.models import BACKBONES, MODULES, build_classifier, outputs
@@ -40,14 +41,15 @@ def recipe_args(method: str) -> list[str]:
     return ["--data", "tiny", "--method", method] + (["--init_classifier", "x"] if keys.get("stage2") else [])
 
 
-def one_step(model: torch.nn.Module, criterion, make_targets=lambda images, labels: (images, labels)) -> float:
+def one_step(model: torch.nn.Module, criterion, make_targets=lambda images, labels: (images, labels),
+             forward=outputs) -> float:
     """One SGD step on a batch of 8 random 32 px images (targets through `make_targets`, e.g. mixup); the
     loss, after checking that it is finite and that a weight moved."""
     torch.manual_seed(0)
     images, targets = make_targets(torch.randn(8, 3, 32, 32), torch.arange(8) % 5)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = criterion(outputs(model, images), targets)
+    loss = criterion(forward(model, images), targets)
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss), loss
@@ -97,13 +99,25 @@ def test_every_backbone_builds_and_steps(name):
 
 
 @pytest.mark.parametrize("name", list(stages.STAGES2))
-def test_every_second_stage_has_a_recipe(name):
+def test_every_second_stage_has_a_recipe_and_runs(name, one_thread):
     users = [m for m, (_, keys, _, _) in RECIPES.items() if keys.get("stage2") == name]
     assert users, f"second stage '{name}' is the stage2 of no recipe in configs/methods/"
     for method in users:
         cfg = c.parse_args("finetune", recipe_args(method))
         assert stages.check_request(cfg) is stages.STAGES2[name]
+        assert set(cfg.decoupled.options) == set(stages.options(name))  # its options, from its signature
         assert RECIPES[method][2].get("stage1") in RECIPES, f"{method}: about.stage1 names no recipe"
+    stage, cfg.model.name = stages.STAGES2[name], "vit_micro"
+    model = build_classifier("vit_micro", 32, 8, len(COUNTS)).requires_grad_(False)  # a stage-1 stand-in
+    if stage.trainable is not None:  # one step of what the stage trains, through the frozen backbone
+        net, optimise = stage.trainable(model, cfg, **cfg.decoupled.options)
+        one_step(net, tuning.make_criterion(cfg.loss, COUNTS), forward=lambda net, images: net(images))
+        assert stage.export(net.model)(torch.zeros(1, 3, 32, 32)).shape == (1, len(COUNTS))
+        return
+    cfg.optim.epochs = 1  # the head from the tiny preset's features
+    train, val = (build_dataset(cfg.data, split) for split in ("train", "val"))
+    head, *_ = stage.solve(engine.make_accelerator("fp32"), model, cfg, train, val, **cfg.decoupled.options)
+    assert head(torch.zeros(2, model.num_features)).shape == (2, len(COUNTS))
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
