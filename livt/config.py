@@ -471,17 +471,23 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
-    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key.
+    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key. The first
+    bad key in the order given raises, after every key before it has been applied.
 
     `loss.<option>` (any key of the loss section that is not a field) goes into `loss.options`, checked
-    against the loss named once the values are in (`settle_options`); `decoupled.<option>` likewise for the
-    second stage `stage2` names. Values that change that name start its options afresh: options given
-    earlier belonged to the function they named."""
+    against the loss these values name (or the one named before) and typed by its default;
+    `decoupled.<option>` likewise for the second stage `stage2` names. Values that change that name start
+    its options afresh: options given earlier belonged to the function they named."""
     fields = flat_fields(type(cfg))
     sources = sources_of(cfg)
+    named = {}  # section -> the name these values give it (a bad one raises at its own key, in order)
     for section in open_sections(cfg):
         key = OPTION_TABLES[section][0]
-        if key in values and coerce(key, values[key], str, source) != _named(cfg, section):
+        try:
+            named[section] = coerce(key, values[key], str, source) if key in values else _named(cfg, section)
+        except ConfigError:
+            continue
+        if named[section] != _named(cfg, section):
             getattr(cfg, section).options = {}
             for k in [k for k in sources if k.startswith(f"{section}.") and k.count(".") == 1]:
                 if k.partition(".")[2] not in _section_fields(cfg, section):
@@ -490,11 +496,15 @@ def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
         section, _, option = key.partition(".")
         if key in fields:
             _set(cfg, key, coerce(key, value, fields[key][0], source))
+            sources[key] = source
+            for sec in open_sections(cfg):
+                if key == OPTION_TABLES[sec][0]:
+                    option_table(cfg, sec)  # a name of nothing registered raises here
         elif section in open_sections(cfg) and option and "." not in option:
-            getattr(cfg, section).options[option] = value  # checked and typed by settle_options
+            sources[key] = source
+            getattr(cfg, section).options[option] = _option(cfg, section, option, value, named.get(section))
         else:
             raise _unknown(key, fields, source)
-        sources[key] = source
     settle_options(cfg)
     return cfg
 
@@ -556,6 +566,25 @@ def option_table(cfg: Any, section: str) -> dict[str, tuple[Any, Any]]:
         raise ConfigError(f"{sources_of(cfg).get(name_key, 'defaults')}: key '{name_key}': {e.args[0]}") from None
 
 
+def _option(cfg: Any, section: str, option: str, value: Any, name: str | None) -> Any:
+    """`value` typed as the option of the function `name` (ConfigError naming the key and listing the options
+    of that function); unchecked while the name is bad (its own key raises)."""
+    name_key, table_of = OPTION_TABLES[section]
+    try:
+        table = table_of(name) if name is not None else None
+    except KeyError:
+        table = None
+    if table is None:
+        return value
+    key, where = f"{section}.{option}", sources_of(cfg)[f"{section}.{option}"]
+    if option not in table:
+        valid = [f"{section}.{k}" for k in [*_section_fields(cfg, section), *table]]
+        shown_where = "command line" if where.startswith("--") else where
+        raise ConfigError(f"{_unknown(key, valid, shown_where)} ({name_key} '{name}' takes the options: "
+                          f"{', '.join(table) or 'none'})")
+    return coerce(key, value, table[option][0], where)
+
+
 def settle_options(cfg: Any) -> None:
     """Check each open section's given options against the options of the function it names, coerce them to
     the type of its default, and fill in the defaults of the rest (so every option of the chosen function
@@ -567,16 +596,9 @@ def settle_options(cfg: Any) -> None:
         if clash:
             raise ConfigError(f"{name_key} '{_named(cfg, section)}': option(s) {clash} shadow a field of the "
                               f"{section} section")
-        given = {k: v for k, v in sec.options.items() if f"{section}.{k}" in sources}
-        for option in given:
-            if option not in table:
-                where = sources[f"{section}.{option}"]
-                where = "command line" if where.startswith("--") else where
-                valid = [f"{section}.{k}" for k in [*_section_fields(cfg, section), *table]]
-                raise ConfigError(f"{_unknown(f'{section}.{option}', valid, where)} ({name_key} "
-                                  f"'{_named(cfg, section)}' takes the options: {', '.join(table) or 'none'})")
-        sec.options = {k: coerce(f"{section}.{k}", given[k], tp, sources[f"{section}.{k}"]) if k in given
-                       else default for k, (tp, default) in table.items()}
+        given = {k: _option(cfg, section, k, v, _named(cfg, section)) for k, v in sec.options.items()
+                 if f"{section}.{k}" in sources}
+        sec.options = {k: given.get(k, default) for k, (_, default) in table.items()}
 
 
 def sources_of(cfg: Any) -> dict[str, str]:

@@ -72,9 +72,8 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              train_data(cfg, train, accelerator.device), train.targets, train.num_classes, forward,
                              optimize=model)
-    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                class_names=train.class_names,
-                pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
+    meta = engine.run_meta(cfg, train, counts,
+                           pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
     fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split, val, test,
                    counts, meta)
     return run_dir

@@ -404,8 +404,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     info = {"stage2": {"name": cfg.stage2, "summary": stage.summary, "init_classifier": cfg.init_classifier,
                        "stage1_method": meta1.get("config", {}).get("method") or None,
                        **({"shifted_bn_layers": n_bn} if shift_bn else {})}}
-    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                class_names=train.class_names)
+    meta = engine.run_meta(cfg, train, counts)
     if stage.solve is not None:
         return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
 
