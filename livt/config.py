@@ -585,6 +585,40 @@ def _option(cfg: Any, section: str, option: str, value: Any, name: str | None) -
     return coerce(key, value, table[option][0], where)
 
 
+def _registered(section: str) -> list[str]:
+    """The names a section's options may belong to: every loss, every second stage."""
+    if section == "loss":
+        from livt.losses import LOSSES
+
+        return list(LOSSES)
+    from livt.stages import STAGES2
+
+    return list(STAGES2)
+
+
+def check_override(stage: str, data: str, key: str, value: str) -> None:
+    """`--key value` as a runner applies it to several recipes (`livt compare --vary`): a loss or second-stage
+    option is checked against every registered loss / stage that takes it (each run then checks its own),
+    any other key by parsing it on the preset `data`. ConfigError naming the key."""
+    section, _, option = key.partition(".")
+    if section not in open_sections(STAGES[stage]) or not option or "." in option:
+        parse_args(stage, ["--data", data, f"--{key}", value])
+        return
+    table_of = OPTION_TABLES[section][1]
+    types = [table_of(name)[option][0] for name in _registered(section) if option in table_of(name)]
+    if not types:
+        valid = {f"{section}.{k}" for name in _registered(section) for k in table_of(name)}
+        raise _unknown(key, sorted(valid), "command line")
+    errors = []
+    for tp in types:
+        try:
+            coerce(key, value, tp, "command line")
+            return
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0]
+
+
 def settle_options(cfg: Any) -> None:
     """Check each open section's given options against the options of the function it names, coerce them to
     the type of its default, and fill in the defaults of the rest (so every option of the chosen function

@@ -275,12 +275,13 @@ def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
     train_x, train_y = features(accelerator, model, cfg, train)
     val_x, val_y = features(accelerator, model, cfg, val)
     head = copy.deepcopy(model.get_classifier()).cpu().requires_grad_(True)
-    head, rows, beta = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg, tukey_lambda=tukey, support=support,
-                                         gamma=gamma, beta=beta, beta_step=beta_step, head_min_count=head_min_count,
-                                         kd_temperature=kd_temperature, gbl_s=gbl_s, gbl_c=gbl_c)
+    head, rows, betas = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg, tukey_lambda=tukey,
+                                          support=support, gamma=gamma, beta=beta, beta_step=beta_step,
+                                          head_min_count=head_min_count, kd_temperature=kd_temperature,
+                                          gbl_s=gbl_s, gbl_c=gbl_c)
     steps = sum(math.ceil((len(train_y) + r["generated"]) / cfg.optim.batch_size) for r in rows)
     selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
-                 "tail_beta": [round(b, 4) for b in beta.tolist()]}
+                 "tail_beta": [round(b, 4) for b in betas.tolist()]}
     return head, selection, rows, {"epochs": cfg.optim.epochs, "steps": steps,
                                    "images_seen": len(train) + len(val)}
 
