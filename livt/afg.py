@@ -8,8 +8,8 @@
    network; the sign keeps it invertible for a ViT's signed LayerNorm features).
 2. Per class k: mean mu_k (Eq. 5) and unbiased covariance Sigma_k (Eq. 6; zero for a single sample).
    Memory C x D x D floats (ImageNet-LT, ResNet-50: 1000 x 2048^2 x 4 B = 16 GB: feasible only for small D).
-3. Each epoch, for EACH sample x_i of a tail class (fewer than afg.head_min_count training images; a class
-   with no larger class is handled like a head class): the support set S = the afg.support classes with
+3. Each epoch, for EACH sample x_i of a tail class (fewer than decoupled.head_min_count training images; a class
+   with no larger class is handled like a head class): the support set S = the decoupled.support classes with
    more training samples whose means are nearest (d_ij = ||x_i - mu_j||), weights w_j = N_j / d_ij (Eq. 10),
    calibrated mean (1 - beta_y) x_i + beta_y sum_j w_j mu_j / sum_j w_j (Eq. 8) and covariance
    (1 - beta_y)^2 Sigma_y + beta_y^2 sum_j w_j Sigma_j / sum_j w_j + gamma I (Eq. 9). Each tail class gets
@@ -20,9 +20,9 @@
 4. Real and generated features are shuffled together each epoch; the head (initialised from stage 1) is
    trained with CE + alpha(t) KD(stage-1 head -> stage-2 head), the KD term only on samples of head classes,
    alpha(t) = s (c^t - 1) the Gradual Balanced Loss schedule (t = training progress per step in [0, 1)).
-5. The adaptive confidence beta (one per tail class, from afg.beta = 0.6) follows the class's accuracy on
-   the held-out val split after each epoch: up by afg.beta_step when it rose over the previous evaluation
-   (the first one: the stage-1 head's), down by afg.beta_step when it fell, unchanged when equal, kept in
+5. The adaptive confidence beta (one per tail class, from decoupled.beta = 0.6) follows the class's accuracy on
+   the held-out val split after each epoch: up by decoupled.beta_step when it rose over the previous evaluation
+   (the first one: the stage-1 head's), down by decoupled.beta_step when it fell, unchanged when equal, kept in
    [0, 1] (the paper gives the direction, not a rule). Val must be held out (never the reported test split).
 The reported head is the last epoch's. Randomness: one generator seeded from the run seed; the training is
 seconds on cached features, so there is no mid-run resume (a killed run is re-run).
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from livt import config as config_lib
 from livt import engine
 from livt.losses import gbl_alpha  # the Gradual Balanced Loss schedule s (c^t - 1), GLAG Eq. 3
+from livt.metrics import class_accuracy
 from livt.optim import build_optimizer, lr_at, set_lr
 
 
@@ -112,7 +113,7 @@ def tail_classes(counts: Tensor, head_min_count: int) -> Tensor:
 
 
 def generate(xt: Tensor, labels: Tensor, means: Tensor, roots: Tensor, counts: Tensor, tail: Tensor,
-             beta: Tensor, cfg: config_lib.AFGConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+             beta: Tensor, support: int, gamma: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Generated transformed features and labels that top every class up to the largest count."""
     feats, ys = [], []
     n_max = int(counts.max())
@@ -129,8 +130,8 @@ def generate(xt: Tensor, labels: Tensor, means: Tensor, roots: Tensor, counts: T
             share[: gap % len(own)] += 1  # the gap spread over the class's samples in turn
             for x, n in zip(own, share.tolist()):
                 if n:
-                    feats.append(sample_calibrated(x, k, means, roots, counts, float(beta[k]), cfg.support,
-                                                   cfg.gamma, n, gen))
+                    feats.append(sample_calibrated(x, k, means, roots, counts, float(beta[k]), support, gamma, n,
+                                                   gen))
         ys.append(torch.full((gap,), k, dtype=torch.long))
     if not feats:
         return xt.new_zeros(0, xt.shape[1]), labels.new_zeros(0)
@@ -155,29 +156,30 @@ def afg_loss(logits: Tensor, teacher: Tensor, labels: Tensor, head: Tensor, alph
 
 def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(C,) float64 top-1 per class; 0 for a class absent from `labels` (its beta then never moves)."""
-    n = torch.bincount(labels, minlength=num_classes).double()
-    hits = torch.bincount(labels, (logits.argmax(1) == labels).double(), minlength=num_classes)
-    return torch.where(n > 0, hits / n.clamp_min(1), torch.zeros_like(n))
+    return class_accuracy(logits, labels, num_classes).nan_to_num(0.0)
 
 
 def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
-              cfg: config_lib.FinetuneConfig) -> tuple[nn.Linear, list[dict], Tensor]:
+              cfg: config_lib.FinetuneConfig, *, tukey_lambda: float, support: int, gamma: float, beta: float,
+              beta_step: float, head_min_count: int, kd_temperature: float, gbl_s: float,
+              gbl_c: float) -> tuple[nn.Linear, list[dict], Tensor]:
     """Train `head` (a copy of the stage-1 head) on real + generated features; returns it, a row per
-    epoch and the final betas."""
-    a, num_classes = cfg.afg, head.out_features
-    if not 0 < a.tukey <= 1 or a.support < 1:
+    epoch and the final betas. The options are those of the `afg` second stage (livt.stages.afg; its
+    `tukey` is `tukey_lambda` here)."""
+    num_classes = head.out_features
+    if not 0 < tukey_lambda <= 1 or support < 1:
         raise config_lib.ConfigError(
-            f"--afg.tukey must be in (0, 1] and --afg.support >= 1, got {a.tukey}, {a.support}")
+            f"--decoupled.tukey must be in (0, 1] and --decoupled.support >= 1, got {tukey_lambda}, {support}")
     teacher = nn.Linear(head.in_features, num_classes)
     teacher.load_state_dict(head.state_dict())
     teacher.requires_grad_(False)
     counts = torch.bincount(train_y, minlength=num_classes)
-    tail = tail_classes(counts, a.head_min_count)
+    tail = tail_classes(counts, head_min_count)
     is_head = ~tail
-    xt = tukey(train_x.double(), a.tukey)
+    xt = tukey(train_x.double(), tukey_lambda)
     means, covs = class_stats(xt, train_y, num_classes)
     roots = torch.stack([cov_root(c) for c in covs])  # (C, D, D)
-    beta = tail.double() * a.beta
+    betas = tail.double() * beta
     gen = torch.Generator().manual_seed(engine.derive_seed(cfg.seed, 12))
     optimizer = build_optimizer(head, cfg.optim, 0.0)
     lr = cfg.optim.lr if cfg.optim.lr > 0 else cfg.optim.blr * cfg.optim.batch_size / 256
@@ -189,8 +191,8 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
     total = cfg.optim.epochs * steps_per_epoch
     for epoch in range(cfg.optim.epochs):
         t0 = time.perf_counter()
-        fake_t, fake_y = generate(xt, train_y, means, roots, counts, tail, beta, a, gen)
-        x = torch.cat([train_x, tukey_inverse(fake_t.double(), a.tukey).float()])
+        fake_t, fake_y = generate(xt, train_y, means, roots, counts, tail, betas, support, gamma, gen)
+        x = torch.cat([train_x, tukey_inverse(fake_t.double(), tukey_lambda).float()])
         y = torch.cat([train_y, fake_y])
         order = torch.randperm(len(y), generator=gen)
         losses = []
@@ -198,8 +200,8 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
             idx = order[i:i + cfg.optim.batch_size]
             set_lr(optimizer, lr_at(step, total, round(cfg.optim.warmup_epochs * steps_per_epoch), lr,
                                     cfg.optim.min_lr, cfg.optim.schedule))
-            alpha = gbl_alpha(step / total, a.gbl_s, a.gbl_c)
-            loss = afg_loss(head(x[idx]), teacher(x[idx]), y[idx], is_head, alpha, a.kd_temperature)
+            alpha = gbl_alpha(step / total, gbl_s, gbl_c)
+            loss = afg_loss(head(x[idx]), teacher(x[idx]), y[idx], is_head, alpha, kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,11 +209,11 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
             step += 1
         with torch.no_grad():
             acc = per_class_accuracy(head(val_x), val_y, num_classes)
-        beta = update_beta(beta, acc, previous, tail, a.beta_step)
+        betas = update_beta(betas, acc, previous, tail, beta_step)
         previous = acc
         present = torch.bincount(val_y, minlength=num_classes) > 0
         rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "generated": len(fake_y),
                      "val_mean_class_acc": float(acc[present].mean() * 100),
-                     "tail_beta_mean": float(beta[tail].mean()) if tail.any() else None,
+                     "tail_beta_mean": float(betas[tail].mean()) if tail.any() else None,
                      "seconds": round(time.perf_counter() - t0, 2)})
-    return head, rows, beta
+    return head, rows, betas

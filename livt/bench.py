@@ -43,11 +43,10 @@ from livt.data.device import OnDevice
 from livt.data.loading import Augmented, make_loader
 from livt.data.samplers import TrainSampler
 from livt.data.transforms import PRETRAIN_SCALE, finetune_transform, finish_batch, pretrain_transform
-from livt.finetune import TargetMaker, loss_options
-from livt.losses import build_loss
 from livt.models import WithOutputs, build_classifier
 from livt.models.mae import create_mae
 from livt.pretrain import mask_noise
+from livt.tuning import classifier_forward
 
 STAGES = ("pretrain", "finetune")
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -103,13 +102,7 @@ def stage_forward(stage: str, cfg: Any) -> Callable[..., torch.Tensor]:
         return forward
     counts = np.full(cfg.data.num_classes, 2 * cfg.data.batch_size // cfg.data.num_classes)
     counts = np.maximum(1, counts // np.arange(1, len(counts) + 1))  # a long-tailed prior for the loss
-    criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
-    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, cfg.data.num_classes)
-
-    def forward(net, images, labels, indices, step):
-        images, target = targets(images, labels)
-        return criterion(net(images), target, 0.5)
-    return forward
+    return classifier_forward(cfg, counts, cfg.data.num_classes, lambda step: 0.5)
 
 
 def flops_per_image(stage: str, cfg: Any, device: torch.device) -> float:

@@ -622,7 +622,7 @@ def parse_vary(specs: list[str], data: str) -> list[tuple[tuple[str, str], ...]]
             raise SystemExit(f"livt compare: --vary {spec}: '{key}' is set by the runner; vary a recipe key")
         for v in vals:
             try:
-                config_lib.parse_args("finetune", ["--data", data, f"--{key}", v])
+                config_lib.check_override("finetune", data, key, v)
             except config_lib.ConfigError as e:
                 raise SystemExit(f"livt compare: --vary {spec}: {e}") from None
         axes.append([(key, v) for v in vals])

@@ -6,7 +6,8 @@ Layers, lowest first, each strict:
     < `--section.key value` overrides.
 Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
 (and the file it came from) and suggesting the closest valid key. The resolved config remembers which
-layer set each non-default value (`sources`), and `config.yaml` records it.
+layer set each non-default value (`sources`), and `config.yaml` records it. A loss's options are its
+function's own keyword arguments (`--loss.s 30`), checked against the loss named (`settle_options`).
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
@@ -208,68 +209,14 @@ class OptimConfig:
 class LossConfig:
     name: str = "bal_bce"
     """loss (livt.losses.LOSSES): ce | bce | bal_ce | bal_bce | focal | cb_ce | cb_focal | cb_bce | weighted_ce |
-    ldam | lade | ib | seql | cdt | gbl"""
-    tau: float = 1.0
-    """scale of the logit bias (Bal-CE, Bal-BCE)"""
-    bias: str = "eq10"
-    """Bal-BCE bias: eq10 (paper, + log(C-1)) | eq6 (official code)"""
+    ldam | lade | ib | seql | cdt | gbl | label_aware_smoothing | reslt | sade"""
     test_prior_file: str = ""
-    """'<label> <count>' file of a known test prior (Theorem 3); empty = balanced test set"""
+    """'<label> <count>' file of a known test prior (Theorem 3; bal_bce's test_prior); empty = balanced test set"""
     label_smoothing: float = 0.1
     """label smoothing (through mixup targets)"""
-    focal_gamma: float = 2.0
-    """focal loss gamma"""
-    cb_beta: float = 0.9999
-    """class-balanced (effective number) beta (cb_ce, cb_focal, cb_bce)"""
-    ldam_s: float = 30.0
-    """LDAM scale s of the cosine logits (margins in training only; prediction uses the head's s * cos)"""
-    ldam_max_margin: float = 0.5
-    """LDAM margin of the rarest class (m_c ~ n_c^(-1/4))"""
-    drw_start: float = 0.8
-    """LDAM deferred re-weighting: class-balanced weights from this fraction of training on (>= 1 = off)"""
-    drw_beta: float = 0.9999
-    """LDAM deferred re-weighting: effective-number beta of its weights"""
-    drw_mean: str = "weighted"
-    """LDAM deferred re-weighting: weighted (the official code: sum_i w_i loss_i / sum_i w_i) | plain (livt's
-    re-weighting convention: (1/B) sum_i w_i loss_i)"""
-    lade_alpha: float = 0.1
-    """LADE weight of the LADER regulariser (0.1 CIFAR-100-LT, 0.005 ImageNet-LT in the paper)"""
-    lade_lambda: float = 0.1
-    """LADE ReMINE penalty lambda on the squared log-partition"""
-    ib_alpha: float = 1000.0
-    """IB loss scale alpha"""
-    ib_start: float = 0.5
-    """IB loss: plain CE until this fraction of training, then the influence-balanced weights"""
-    seql_gamma: float = 0.9
-    """SEQL probability that a rare negative class leaves the softmax denominator"""
-    seql_threshold: float = 1e-3
-    """SEQL frequency threshold lambda: classes with n_c / N below it count as rare"""
-    cdt_gamma: float = 0.2
-    """CDT exponent: training logits z_c / (n_max / n_c)^gamma"""
-    gbl_s: float = 1.0
-    """GBL scale s of alpha = s (c^progress - 1) (1 CIFAR-100-LT / ImageNet-LT, 0.5 iNat18)"""
-    gbl_c: float = 2.0
-    """GBL base c of alpha = s (c^progress - 1) (2 = convex, the paper's best)"""
-    reslt_alpha: float = 0.995
-    """ResLT: weight of the branch losses, (1 - alpha) CE(fused) + alpha * the pooled branch CE"""
-    reslt_groups: str = "rank"
-    """ResLT head / medium / tail groups: rank (the official code: fixed slices of the classes sorted by count,
-    sizes from reslt_split) | log_count (the paper's reading: three groups of equal imbalance factor)"""
-    reslt_split: tuple[float, float] = (0.35, 0.35)
-    """ResLT rank groups: fractions of the classes that are head and medium (tail: the rest); the official
-    CIFAR-100 0.35 / 0.35; the recipe sets CIFAR-10's 0.2 / 0.2 and ImageNet-LT's 0.175 / 0.605"""
-    sade_lambda: float = 2.0
-    """SADE: backward expert trained on z + log pi - lambda * log pi_inv"""
-    las_head: float = 0.3
-    """label-aware smoothing (MiSLAS): epsilon of the largest class"""
-    las_tail: float = 0.0
-    """label-aware smoothing: epsilon of the smallest class"""
-    las_shape: str = "concave"
-    """label-aware smoothing: epsilon as a function of the class count: concave (the official code's) | linear |
-    convex"""
-    las_spread: str = "code"
-    """label-aware smoothing: code (the official code's: eps_y / K on every class) | paper (eps_y / (K - 1) on
-    each other class)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """the loss's own options, given as --loss.<option> (e.g. --loss.tau 1.5, --loss.s 30): the parameters with a
+    default of the loss function, checked against its signature and typed by its default (`loss_options`)"""
 
 
 @dataclass
@@ -296,44 +243,10 @@ class AugConfig:
 
 @dataclass
 class DecoupledConfig:
-    tau_min: float = 0.0
-    """tau-norm: smallest tau of the sweep"""
-    tau_max: float = 2.0
-    """tau-norm: largest tau of the sweep"""
-    tau_steps: int = 21
-    """tau-norm: taus in the sweep, evenly spaced (21 = steps of 0.1 over [0, 2])"""
-    ncm_metric: str = "l2"
-    """NCM: l2 (the official code's `cl2n` + `l2`: squared Euclidean distance of the centred, L2-normalised
-    feature to the class means of the centred, L2-normalised training features; an `ncm` head) | cosine (the
-    paper's wording: cosine to the normalised mean of each class's L2-normalised features; a `cosine` head)"""
-    shift_bn: bool = False
-    """trained second stages: BatchNorm layers in training mode, their statistics re-estimated on the stage's
-    batches (MiSLAS's shifted BN; its official configs: off on CIFAR-10-LT, on elsewhere)"""
-    head_lr_scale: float = 1.0
-    """mislas: the stage-1 head's lr is this x the lr, the learned per-class scales' the lr itself (the official
-    `lr_factor`: 0.5 CIFAR-10-LT x100, 0.2 CIFAR-100-LT x100, 0.05 ImageNet-LT / iNat / Places-LT)"""
-
-
-@dataclass
-class AFGConfig:
-    tukey: float = 0.5
-    """GLAG AFG: Tukey power lambda of the features, x -> sign(x) |x|^lambda (1 = none)"""
-    support: int = 2
-    """GLAG AFG: support classes per tail sample (K, 2-3 in the paper)"""
-    gamma: float = 0.0
-    """GLAG AFG: added to the calibrated covariance's diagonal (Eq. 9; 0 or 0.1 in the paper)"""
-    beta: float = 0.6
-    """GLAG AFG: initial confidence beta of every tail class (0.4 in the paper's ablation)"""
-    beta_step: float = 0.05
-    """GLAG AFG: beta change per epoch when a tail class's val accuracy rises (+) or falls (-)"""
-    head_min_count: int = 101
-    """GLAG AFG: classes with at least this many training images are head classes (many-shot: > 100)"""
-    kd_temperature: float = 1.0
-    """GLAG AFG: temperature of the distillation from the stage-1 head"""
-    gbl_s: float = 1.0
-    """GLAG: s of alpha(t) = s (c^t - 1), the weight of the distillation term"""
-    gbl_c: float = 2.0
-    """GLAG: c of alpha(t) = s (c^t - 1)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """the second stage's own options, given as --decoupled.<option> (e.g. --decoupled.tau_steps 11,
+    --decoupled.shift_bn true): the keyword-only parameters of the stage's function in livt.stages.STAGES2,
+    checked against its signature and typed by its default (`stage2_options`)"""
 
 
 @dataclass
@@ -405,7 +318,6 @@ class FinetuneConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
-    afg: AFGConfig = field(default_factory=AFGConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
     select: str = "auto"
@@ -468,6 +380,8 @@ def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if f.name == OPTIONS:
+            continue  # an open mapping, checked against its owner's signature (`settle_options`)
         if dataclasses.is_dataclass(tp):
             out.update(flat_fields(tp, f"{prefix}{f.name}."))
         else:
@@ -557,15 +471,168 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def update(cfg: Any, values: dict[str, Any], source: str) -> Any:
-    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key."""
+    """Apply flat {'a.b': value} updates to `cfg` in place, strictly; remembers `source` per key. The first
+    bad key in the order given raises, after every key before it has been applied.
+
+    `loss.<option>` (any key of the loss section that is not a field) goes into `loss.options`, checked
+    against the loss these values name (or the one named before) and typed by its default;
+    `decoupled.<option>` likewise for the second stage `stage2` names. Values that change that name start
+    its options afresh: options given earlier belonged to the function they named."""
     fields = flat_fields(type(cfg))
     sources = sources_of(cfg)
+    named = {}  # section -> the name these values give it (a bad one raises at its own key, in order)
+    for section in open_sections(cfg):
+        key = OPTION_TABLES[section][0]
+        try:
+            named[section] = coerce(key, values[key], str, source) if key in values else _named(cfg, section)
+        except ConfigError:
+            continue
+        if named[section] != _named(cfg, section):
+            getattr(cfg, section).options = {}
+            for k in [k for k in sources if k.startswith(f"{section}.") and k.count(".") == 1]:
+                if k.partition(".")[2] not in _section_fields(cfg, section):
+                    del sources[k]
     for key, value in values.items():
-        if key not in fields:
+        section, _, option = key.partition(".")
+        if key in fields:
+            _set(cfg, key, coerce(key, value, fields[key][0], source))
+            sources[key] = source
+            for sec in open_sections(cfg):
+                if key == OPTION_TABLES[sec][0]:
+                    option_table(cfg, sec)  # a name of nothing registered raises here
+        elif section in open_sections(cfg) and option and "." not in option:
+            sources[key] = source
+            getattr(cfg, section).options[option] = _option(cfg, section, option, value, named.get(section))
+        else:
             raise _unknown(key, fields, source)
-        _set(cfg, key, coerce(key, value, fields[key][0], source))
-        sources[key] = source
+    settle_options(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Open option mappings: a section's `options` holds the keyword options of the function a key names
+
+
+OPTIONS = "options"
+
+
+def loss_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """{option: (type, default)} of the registered loss `name` (KeyError if none)."""
+    from livt import losses  # torch: only where a config with a loss is settled
+
+    if name not in losses.LOSSES:
+        raise KeyError(f"unknown loss '{name}'; choose one of {', '.join(losses.LOSSES)}")
+    return losses.options(name)
+
+
+def stage2_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """{option: (type, default)} of the second stage `name` ('' = none: no options; KeyError if unknown)."""
+    if not name:
+        return {}
+    from livt import stages  # only where a second stage is named
+
+    if name not in stages.STAGES2:
+        raise KeyError(f"no second stage '{name}'; choose one of {', '.join(stages.STAGES2)}")
+    return stages.options(name)
+
+
+# section -> (the key that names its function, that function's option table)
+OPTION_TABLES = {"loss": ("loss.name", loss_options), "decoupled": ("stage2", stage2_options)}
+
+
+def open_sections(cfg: Any) -> list[str]:
+    """The sections of a config (class or instance) that hold an options mapping."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return [s for s in OPTION_TABLES if s in names]
+
+
+def _section_fields(cfg: Any, section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(getattr(cfg, section)) if f.name != OPTIONS]
+
+
+def _named(cfg: Any, section: str) -> str:
+    """The name of the function whose options `section` holds (e.g. cfg.loss.name, cfg.stage2)."""
+    obj = cfg
+    for part in OPTION_TABLES[section][0].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def option_table(cfg: Any, section: str) -> dict[str, tuple[Any, Any]]:
+    name_key, table_of = OPTION_TABLES[section]
+    try:
+        return table_of(_named(cfg, section))
+    except KeyError as e:
+        raise ConfigError(f"{sources_of(cfg).get(name_key, 'defaults')}: key '{name_key}': {e.args[0]}") from None
+
+
+def _option(cfg: Any, section: str, option: str, value: Any, name: str | None) -> Any:
+    """`value` typed as the option of the function `name` (ConfigError naming the key and listing the options
+    of that function); unchecked while the name is bad (its own key raises)."""
+    name_key, table_of = OPTION_TABLES[section]
+    try:
+        table = table_of(name) if name is not None else None
+    except KeyError:
+        table = None
+    if table is None:
+        return value
+    key, where = f"{section}.{option}", sources_of(cfg)[f"{section}.{option}"]
+    if option not in table:
+        valid = [f"{section}.{k}" for k in [*_section_fields(cfg, section), *table]]
+        shown_where = "command line" if where.startswith("--") else where
+        raise ConfigError(f"{_unknown(key, valid, shown_where)} ({name_key} '{name}' takes the options: "
+                          f"{', '.join(table) or 'none'})")
+    return coerce(key, value, table[option][0], where)
+
+
+def _registered(section: str) -> list[str]:
+    """The names a section's options may belong to: every loss, every second stage."""
+    if section == "loss":
+        from livt.losses import LOSSES
+
+        return list(LOSSES)
+    from livt.stages import STAGES2
+
+    return list(STAGES2)
+
+
+def check_override(stage: str, data: str, key: str, value: str) -> None:
+    """`--key value` as a runner applies it to several recipes (`livt compare --vary`): a loss or second-stage
+    option is checked against every registered loss / stage that takes it (each run then checks its own),
+    any other key by parsing it on the preset `data`. ConfigError naming the key."""
+    section, _, option = key.partition(".")
+    if section not in open_sections(STAGES[stage]) or not option or "." in option:
+        parse_args(stage, ["--data", data, f"--{key}", value])
+        return
+    table_of = OPTION_TABLES[section][1]
+    types = [table_of(name)[option][0] for name in _registered(section) if option in table_of(name)]
+    if not types:
+        valid = {f"{section}.{k}" for name in _registered(section) for k in table_of(name)}
+        raise _unknown(key, sorted(valid), "command line")
+    errors = []
+    for tp in types:
+        try:
+            coerce(key, value, tp, "command line")
+            return
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def settle_options(cfg: Any) -> None:
+    """Check each open section's given options against the options of the function it names, coerce them to
+    the type of its default, and fill in the defaults of the rest (so every option of the chosen function
+    is in the config, its hash and config.yaml, whether given or not). ConfigError naming the source."""
+    sources = sources_of(cfg)
+    for section in open_sections(cfg):
+        sec, table, name_key = getattr(cfg, section), option_table(cfg, section), OPTION_TABLES[section][0]
+        clash = sorted(set(table) & set(_section_fields(cfg, section)))
+        if clash:
+            raise ConfigError(f"{name_key} '{_named(cfg, section)}': option(s) {clash} shadow a field of the "
+                              f"{section} section")
+        given = {k: _option(cfg, section, k, v, _named(cfg, section)) for k, v in sec.options.items()
+                 if f"{section}.{k}" in sources}
+        sec.options = {k: given.get(k, default) for k, (_, default) in table.items()}
 
 
 def sources_of(cfg: Any) -> dict[str, str]:
@@ -577,7 +644,10 @@ def sources_of(cfg: Any) -> dict[str, str]:
 
 def non_default_sources(cfg: Any) -> dict[str, str]:
     """Where each value that differs from the dataclass default came from."""
-    default = flatten(to_dict(type(cfg)()))
+    base = type(cfg)()
+    for section in open_sections(cfg):  # an option is non-default where it differs from its function's default
+        getattr(base, section).options = {k: d for k, (_, d) in option_table(cfg, section).items()}
+    default = flatten(to_dict(base))
     current = flatten(to_dict(cfg))
     sources = sources_of(cfg)
     return {k: sources.get(k, "?") for k in current if current[k] != default.get(k) and k not in VOLATILE}
@@ -683,7 +753,9 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
             layers.insert(by_dataset_at, (extra, f"{shown(path)} (by_dataset.{kind})"))
     for values, source in layers:
         update(cfg, values, source)
-    for key, value in overrides:
+    # the key that names a function first, so that --loss.s 20 --loss.name ldam means ldam with s 20
+    names = {name_key for name_key, _ in OPTION_TABLES.values()}
+    for key, value in sorted(overrides, key=lambda kv: kv[0] not in names):
         update(cfg, {key: value}, f"--{key}")
     return cfg
 
@@ -699,7 +771,12 @@ def from_dict(stage: str, values: dict[str, Any], source: str = "dict") -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, YAML/JSON friendly
+    """The config as plain YAML/JSON values (tuples -> lists); a section's options stand beside its fields
+    (loss.s, not loss.options.s), as they are given."""
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for section in open_sections(cfg):
+        d[section].update(d[section].pop(OPTIONS))
+    return d
 
 
 def data_derived(cfg: Any) -> set[str]:
@@ -755,6 +832,20 @@ def help_text(stage: str) -> str:
     current = flatten(to_dict(cfg))
     for key, (_, doc) in flat_fields(STAGES[stage]).items():
         lines.append(f"  --{key:<28} {' '.join(doc.split())} [{_show(current[key])}]")
+    if "loss" in open_sections(cfg):
+        from livt.losses import LOSSES
+
+        lines += ["", "options of each loss (--loss.<option> value; the function's defaults):"]
+        for name in LOSSES:
+            table = loss_options(name)
+            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+    if "decoupled" in open_sections(cfg):
+        from livt.stages import STAGES2
+
+        lines += ["", "options of each second stage (--stage2 NAME --decoupled.<option> value; the defaults):"]
+        for name in STAGES2:
+            table = stage2_options(name)
+            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
     return "\n".join(lines)
 
 
@@ -778,8 +869,9 @@ def parse_args(stage: str, argv: list[str]) -> Any:
         key = key.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if key in fields and fields[key][0] is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
+            is_option = key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1
+            if (is_option or (key in fields and fields[key][0] is bool)) and (nxt is None or nxt.startswith("--")):
+                value = "true"  # a bare flag: a boolean (an option's type is checked once its function is named)
             elif nxt is None:
                 raise ConfigError(f"command line: --{key} needs a value")
             else:
@@ -789,8 +881,8 @@ def parse_args(stage: str, argv: list[str]) -> Any:
             if key in named:
                 raise ConfigError(f"command line: --{key} given twice")
             named[key] = value
-        elif key in fields:
-            overrides.append((key, value))
+        elif key in fields or (key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1):
+            overrides.append((key, value))  # a section's option is checked once its function is named
         else:
             raise _unknown(key, list(fields) + list(LAYER_FLAGS), "command line")
     return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
@@ -807,7 +899,7 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "AFGConfig", "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
+    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
     "to_dict", "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",

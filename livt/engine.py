@@ -167,6 +167,13 @@ def write_config(cfg: Any, run_dir: Path, accelerator: Accelerator, **derived: A
                         provenance=provenance(), **derived)
 
 
+def run_meta(cfg: Any, train: Any, counts: Any, **extra: Any) -> dict[str, Any]:
+    """What a run's weight files carry in their metadata: the resolved config, the dataset kind, the training
+    class counts (C,) and names, and `extra` (e.g. a timm `pretrained_cfg`)."""
+    return dict(config=config_lib.to_dict(cfg), dataset=cfg.data.dataset, class_counts=counts.tolist(),
+                class_names=train.class_names, **extra)
+
+
 def derive_seed(*key: int) -> int:
     """A 32-bit seed that is a function of `key` alone (a hash through numpy's SeedSequence)."""
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])

@@ -20,17 +20,15 @@ from livt.checkpoint import load_classifier, load_encoder, load_file_with_meta
 from livt.data import build_dataset, resolve_normalization, train_class_counts
 from livt.data.stats import class_counts, describe
 from livt.export import pretrained_cfg
-from livt.losses import build_loss
 from livt.models import WithOutputs, build_classifier, is_cnn
 from livt.models.sade import SADEClassifier
 from livt.tuning import (
-    TargetMaker,
     build_model,
     check_pretrained_matches,
     check_tta,
+    classifier_forward,
     evaluate_split,
     fit_and_report,
-    loss_options,
     posthoc_tau,
     report,
     selection_rule,
@@ -70,19 +68,12 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
         load_pretrained(model, cfg.pretrained)
-    criterion = build_loss(cfg.loss.name, counts, **loss_options(cfg.loss))
-    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
-
-    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step) -> torch.Tensor:
-        images, target = targets(images, labels)
-        return criterion(net(images), target, trainer.plan.progress(step))
-
+    forward = classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
                              train_data(cfg, train, accelerator.device), train.targets, train.num_classes, forward,
                              optimize=model)
-    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                class_names=train.class_names,
-                pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
+    meta = engine.run_meta(cfg, train, counts,
+                           pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
     fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split, val, test,
                    counts, meta)
     return run_dir

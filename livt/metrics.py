@@ -19,12 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from livt import losses
 from livt.data.stats import shot_groups
 
 ArrayLike = Tensor | np.ndarray | Sequence
-BCE_TRAINED = ("bce", "bal_bce", "cb_bce", "cb_focal")
-CE_TRAINED = ("ce", "bal_ce", "focal", "cb_ce", "weighted_ce", "ldam", "lade", "ib", "seql", "cdt", "gbl", "reslt",
-              "sade")
 # Post-hoc logit adjustment: the fixed grid tau is swept over on a held-out val split.
 POSTHOC_TAUS = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
@@ -83,6 +81,14 @@ def ece_mce(logits_or_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> 
     return bins["ece"], bins["mce"]
 
 
+def class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C,) float64 top-1 of each class as a fraction (first maximum on ties); NaN for a class absent from
+    `labels`."""
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, (logits.argmax(1) == labels).double(), minlength=num_classes)
+    return hits / n
+
+
 def _group_mean(per_class: np.ndarray, classes: np.ndarray) -> float | None:
     acc = per_class[classes]
     acc = acc[~np.isnan(acc)]
@@ -113,8 +119,7 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
     correct = (pred == y).numpy()
     y_np = y.numpy()
     test_counts = np.bincount(y_np, minlength=num_classes).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.bincount(y_np, correct.astype(np.float64), minlength=num_classes) / test_counts * 100
+    per_class = class_accuracy(z, y, num_classes).numpy() * 100
     confusion = np.bincount(y_np * num_classes + pred.numpy(), minlength=num_classes**2)
     groups = shot_groups(train_counts)
     bins = reliability_bins(z, y)
@@ -143,13 +148,12 @@ def posthoc_adjust(logits: Tensor, train_counts: ArrayLike, test_prior: ArrayLik
                    trained_with: str) -> Tensor:
     """Shift logits of a model trained for a BALANCED test set to a known test prior pi_t.
 
-    BCE-trained (bce, bal_bce): z + [log pi_t - log(1 - pi_t)] - [log(1/C) - log(1 - 1/C)];
-    CE-trained (ce, bal_ce, focal, cb_ce, reslt, sade): z + log pi_t. `test_prior` may be counts or probabilities.
+    `trained_with` names a loss of `livt.losses.LOSSES`; its family decides the shift. Sigmoid family (bce,
+    bal_bce, cb_bce, cb_focal): z + [log pi_t - log(1 - pi_t)] - [log(1/C) - log(1 - 1/C)]; softmax family
+    (ce, bal_ce, focal, ..., reslt, sade): z + log pi_t. `test_prior` may be counts or probabilities.
     `train_counts` only fixes C (the formulas use the uniform prior the model was balanced for).
     """
-    valid = BCE_TRAINED + CE_TRAINED
-    if trained_with not in valid:
-        raise ValueError(f"unknown loss '{trained_with}'; choose one of {', '.join(valid)}")
+    sigmoid = losses.family(trained_with) == losses.SIGMOID  # ValueError naming the losses for an unknown one
     num_classes = len(np.asarray(train_counts))
     pi_t = torch.as_tensor(np.asarray(test_prior, dtype=np.float64))
     if pi_t.shape != (num_classes,) or logits.shape[-1] != num_classes:
@@ -158,7 +162,7 @@ def posthoc_adjust(logits: Tensor, train_counts: ArrayLike, test_prior: ArrayLik
     if (pi_t <= 0).any():
         raise ValueError(f"test_prior: class {torch.nonzero(pi_t <= 0)[0].item()} has no mass (log 0)")
     pi_t = pi_t / pi_t.sum()
-    if trained_with in BCE_TRAINED:
+    if sigmoid:
         uniform = 1.0 / num_classes
         shift = torch.log(pi_t) - torch.log1p(-pi_t) - (math.log(uniform) - math.log1p(-uniform))
     else:

@@ -40,6 +40,7 @@ results files of `livt.tuning`, with a `stage2` entry saying what was changed.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -59,7 +60,7 @@ from livt.data import build_dataset, heldout_val
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
-from livt.losses import build_loss
+from livt.metrics import class_accuracy
 from livt.models import build_head, outputs, set_head
 from livt.models.heads import CosineHead, NCMHead
 
@@ -120,27 +121,31 @@ class ClassScales(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# What each method trains (`trainable(model, cfg)` sets the head, returns the module to optimise)
+# What each method trains (`trainable(model, cfg, **options)` sets the head, returns (the module the Trainer
+# runs, the module to optimise)); `shift_bn`: BatchNorm statistics re-estimated (module docstring)
 
 
-def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
+             shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     head = build_head(cfg.model.head, model.num_features, model.num_classes, cfg.model.head_scale)
     set_head(model, head)
-    return head
+    return FrozenBackbone(model, shift_bn), head
 
 
-def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
+def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
+                   shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     scaled = ClassScales(model.get_classifier())
     set_head(model, scaled)
-    return scaled
+    return FrozenBackbone(model, shift_bn), scaled
 
 
-def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig) -> nn.Module:
-    if cfg.decoupled.head_lr_scale <= 0:
-        raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {cfg.decoupled.head_lr_scale}")
-    scaled = ClassScales(model.get_classifier(), train_head=True, head_lr_scale=cfg.decoupled.head_lr_scale)
+def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *, shift_bn: bool = False,
+                       head_lr_scale: float = 1.0) -> tuple[nn.Module, nn.Module]:
+    if head_lr_scale <= 0:
+        raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {head_lr_scale}")
+    scaled = ClassScales(model.get_classifier(), train_head=True, head_lr_scale=head_lr_scale)
     set_head(model, scaled)
-    return scaled
+    return FrozenBackbone(model, shift_bn), scaled
 
 
 def fold_scales(model: nn.Module) -> nn.Module:
@@ -153,7 +158,8 @@ def fold_scales(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods computed from features (`solve(accelerator, model, cfg, train, val)` -> head, selection, log rows)
+# Methods computed from features (`solve(accelerator, model, cfg, train, val, **options)` -> head, selection,
+# log rows, budget)
 
 
 class PreLogits(nn.Module):
@@ -181,20 +187,18 @@ def tau_normalised(weight: Tensor, tau: float) -> Tensor:
 
 def mean_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> float:
     """Mean over the classes present of per-class top-1, in percent (= top-1 on a balanced split)."""
-    correct = (logits.argmax(1) == labels).double()
-    n = torch.bincount(labels, minlength=num_classes).double()
-    hits = torch.bincount(labels, correct, minlength=num_classes)
-    return float((hits[n > 0] / n[n > 0]).mean() * 100)
+    acc = class_accuracy(logits, labels, num_classes)
+    return float(acc[~acc.isnan()].mean() * 100)
 
 
-def tau_grid(cfg: config_lib.DecoupledConfig) -> list[float]:
-    if cfg.tau_steps < 1 or cfg.tau_min > cfg.tau_max:
+def tau_grid(tau_min: float, tau_max: float, tau_steps: int) -> list[float]:
+    if tau_steps < 1 or tau_min > tau_max:
         raise config_lib.ConfigError(f"--decoupled.tau_min/tau_max/tau_steps: need tau_min <= tau_max and "
-                                     f"tau_steps >= 1, got {cfg.tau_min}, {cfg.tau_max}, {cfg.tau_steps}")
-    if cfg.tau_steps == 1:
-        return [cfg.tau_min]
-    step = (cfg.tau_max - cfg.tau_min) / (cfg.tau_steps - 1)
-    return [round(cfg.tau_min + i * step, 10) for i in range(cfg.tau_steps)]
+                                     f"tau_steps >= 1, got {tau_min}, {tau_max}, {tau_steps}")
+    if tau_steps == 1:
+        return [tau_min]
+    step = (tau_max - tau_min) / (tau_steps - 1)
+    return [round(tau_min + i * step, 10) for i in range(tau_steps)]
 
 
 def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
@@ -208,10 +212,12 @@ def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
     return best["tau"], rows
 
 
-def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, tau_min: float = 0.0,
+             tau_max: float = 2.0, tau_steps: int = 21):
+    """tau swept over tau_steps evenly spaced values in [tau_min, tau_max] (21: steps of 0.1 over [0, 2])."""
     weight = model.get_classifier().weight.detach().float().cpu()
     val_features, val_labels = features(accelerator, model, cfg, val)
-    tau, rows = choose_tau(weight, val_features, val_labels, tau_grid(cfg.decoupled))
+    tau, rows = choose_tau(weight, val_features, val_labels, tau_grid(tau_min, tau_max, tau_steps))
     head = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.weight.copy_(tau_normalised(weight, tau))
@@ -247,24 +253,35 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale
     return head
 
 
-def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
+def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, ncm_metric: str = "l2"):
+    """`ncm_metric`: l2 (the official code's) | cosine (the paper's wording), see `ncm_head`."""
     feats, labels = features(accelerator, model, cfg, train)
-    head = ncm_head(feats, labels, model.num_classes, cfg.decoupled.ncm_metric, cfg.model.head_scale)
+    head = ncm_head(feats, labels, model.num_classes, ncm_metric, cfg.model.head_scale)
     return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
                                                                               "images_seen": len(train)}
 
 
-def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val):
-    """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features."""
+def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, tukey: float = 0.5,
+        support: int = 2, gamma: float = 0.0, beta: float = 0.6, beta_step: float = 0.05, head_min_count: int = 101,
+        kd_temperature: float = 1.0, gbl_s: float = 1.0, gbl_c: float = 2.0):
+    """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features. Options: Tukey power
+    lambda of the features (1 = none); support classes per tail sample (K, 2-3 in the paper); gamma added to
+    the calibrated covariance's diagonal (Eq. 9; 0 or 0.1); initial confidence beta of every tail class (0.4
+    in the paper's ablation) and its change per epoch as the class's val accuracy rises or falls; classes
+    with at least head_min_count training images are head classes (many-shot: > 100); the temperature of
+    the distillation from the stage-1 head, weighted by alpha(t) = gbl_s (gbl_c^t - 1)."""
     from livt import afg as afg_lib
 
     train_x, train_y = features(accelerator, model, cfg, train)
     val_x, val_y = features(accelerator, model, cfg, val)
     head = copy.deepcopy(model.get_classifier()).cpu().requires_grad_(True)
-    head, rows, beta = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg)
+    head, rows, betas = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg, tukey_lambda=tukey,
+                                          support=support, gamma=gamma, beta=beta, beta_step=beta_step,
+                                          head_min_count=head_min_count, kd_temperature=kd_temperature,
+                                          gbl_s=gbl_s, gbl_c=gbl_c)
     steps = sum(math.ceil((len(train_y) + r["generated"]) / cfg.optim.batch_size) for r in rows)
     selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
-                 "tail_beta": [round(b, 4) for b in beta.tolist()]}
+                 "tail_beta": [round(b, 4) for b in betas.tolist()]}
     return head, selection, rows, {"epochs": cfg.optim.epochs, "steps": steps,
                                    "images_seen": len(train) + len(val)}
 
@@ -275,10 +292,12 @@ def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
 
 @dataclass(frozen=True)
 class SecondStage:
-    """One second stage: `trainable` makes the head what the method trains and returns the module to
-    optimise, or `solve` computes the head from features -> (head, selection, log rows, budget); `export`
-    turns the trained model into a plain classifier; `linear_head`: needs a stage-1 linear head;
-    `needs_val`: uses a held-out val split."""
+    """One second stage: `trainable` makes the head what the method trains and returns (the module the
+    Trainer runs, the module to optimise), or `solve` computes the head from features -> (head, selection,
+    log rows, budget); `export` turns the trained model into a plain classifier; `linear_head`: needs a
+    stage-1 linear head; `needs_val`: uses a held-out val split. The keyword-only parameters of `trainable`
+    or `solve` are the stage's options, `--decoupled.<option>` (checked against that signature by
+    livt.config)."""
 
     summary: str
     trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
@@ -306,6 +325,13 @@ STAGES2: dict[str, SecondStage] = {
 # The stage
 
 
+def options(name: str) -> dict[str, tuple[type, object]]:
+    """{option: (type, default)} of the second stage `name`: the keyword-only parameters of its function."""
+    stage = STAGES2[name]
+    params = inspect.signature(stage.trainable or stage.solve).parameters.values()
+    return {p.name: (type(p.default), p.default) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
     if cfg.stage2 not in STAGES2:
         raise config_lib.ConfigError(f"--stage2: no second stage '{cfg.stage2}'; choose one of {', '.join(STAGES2)}"
@@ -320,11 +346,6 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
     if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
                                      f"got {cfg.optim.layer_decay}")
-    if stage.trainable is None and cfg.decoupled.shift_bn:
-        raise config_lib.ConfigError(f"--decoupled.shift_bn: --stage2 {cfg.stage2} trains nothing; drop it")
-    if cfg.decoupled.head_lr_scale != 1.0 and stage.trainable is not scaled_stage1_head:
-        raise config_lib.ConfigError(f"--decoupled.head_lr_scale: only mislas trains a head beside its scales; "
-                                     f"--stage2 {cfg.stage2} takes no {cfg.decoupled.head_lr_scale}")
     return stage
 
 
@@ -357,17 +378,11 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     the recipe's loss on augmented training images through the backbone."""
     stage = STAGES2[cfg.stage2]
     model.requires_grad_(False)
-    optimize = stage.trainable(model, cfg)
-    criterion = build_loss(cfg.loss.name, counts, **tuning.loss_options(cfg.loss))
-    targets = tuning.TargetMaker(cfg.aug, cfg.loss.label_smoothing, train.num_classes)
-
-    def forward(net: nn.Module, images: Tensor, labels: Tensor, indices, step: int) -> Tensor:
-        images, target = targets(images, labels)
-        return criterion(net(images), target, trainer.plan.progress(step))
-
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, FrozenBackbone(model, cfg.decoupled.shift_bn),
-                             tuning.train_data(cfg, train, accelerator.device),
-                             train.targets, train.num_classes, forward, optimize=optimize)
+    net, optimize = stage.trainable(model, cfg, **cfg.decoupled.options)
+    forward = tuning.classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, net,
+                             tuning.train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
+                             forward, optimize=optimize)
     return trainer
 
 
@@ -381,7 +396,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     accelerator.print(describe(counts, train.name))
     model, meta1 = load_classifier(cfg.init_classifier)
     check_stage1(model, meta1, cfg, train.num_classes, counts)
-    shift_bn = cfg.decoupled.shift_bn
+    shift_bn = cfg.decoupled.options.get("shift_bn", False)  # an option of the trained stages
     n_bn = len(batchnorms(model)) if shift_bn else 0
     if shift_bn:
         accelerator.print(f"shifted BN: re-estimating the statistics of {n_bn} BatchNorm layers" if n_bn else
@@ -390,8 +405,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     info = {"stage2": {"name": cfg.stage2, "summary": stage.summary, "init_classifier": cfg.init_classifier,
                        "stage1_method": meta1.get("config", {}).get("method") or None,
                        **({"shifted_bn_layers": n_bn} if shift_bn else {})}}
-    meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                class_names=train.class_names)
+    meta = engine.run_meta(cfg, train, counts)
     if stage.solve is not None:
         return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
 
@@ -415,7 +429,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     engine.write_config(cfg, run_dir, accelerator)
     model.to(accelerator.device)
     t0 = time.perf_counter()
-    head, selection, rows, budget = stage.solve(accelerator, model, cfg, train, val)
+    head, selection, rows, budget = stage.solve(accelerator, model, cfg, train, val, **cfg.decoupled.options)
     seconds = time.perf_counter() - t0
     set_head(model, head.to(accelerator.device))
     log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)

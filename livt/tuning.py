@@ -1,5 +1,5 @@
 """The machinery every fine-tuning run shares (ordinary fine-tuning in `livt.finetune`, second stages in
-`livt.stages`): loss options, training targets and data, the selection rule, evaluation (raw, post-hoc
+`livt.stages`): the training loss, training targets and data, the selection rule, evaluation (raw, post-hoc
 adjusted, shifted test priors, SADE's transductive rows), training with the reported epoch kept, and the
 results files.
 
@@ -33,6 +33,7 @@ from livt.data.errors import DataError
 from livt.data.loading import Augmented
 from livt.data.stats import read_class_counts
 from livt.data.transforms import eval_transform, finetune_transform
+from livt.losses import LOSSES, Criterion, build_loss, signature
 from livt.metrics import (
     POSTHOC_TAUS,
     choose_posthoc_tau,
@@ -47,31 +48,27 @@ from livt.models import build_classifier
 from livt.results import write_results
 
 
-def loss_options(cfg: config_lib.LossConfig) -> dict[str, Any]:
-    """The options of `cfg.name` (each loss takes only its own)."""
-    test_prior = None
-    if cfg.test_prior_file:
-        counts = read_class_counts(cfg.test_prior_file)
-        test_prior = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
-    return {
-        "bal_bce": dict(tau=cfg.tau, variant=cfg.bias, test_prior=test_prior),
-        "bal_ce": dict(tau=cfg.tau),
-        "focal": dict(gamma=cfg.focal_gamma),
-        "cb_ce": dict(beta=cfg.cb_beta),
-        "reslt": dict(alpha=cfg.reslt_alpha, groups=cfg.reslt_groups, split=tuple(cfg.reslt_split)),
-        "sade": dict(lam=cfg.sade_lambda),
-        "cb_focal": dict(beta=cfg.cb_beta, gamma=cfg.focal_gamma),
-        "cb_bce": dict(beta=cfg.cb_beta),
-        "ldam": dict(s=cfg.ldam_s, max_margin=cfg.ldam_max_margin, drw_start=cfg.drw_start, drw_beta=cfg.drw_beta,
-                     drw_mean=cfg.drw_mean),
-        "lade": dict(alpha=cfg.lade_alpha, lam=cfg.lade_lambda),
-        "ib": dict(alpha=cfg.ib_alpha, start=cfg.ib_start),
-        "seql": dict(gamma=cfg.seql_gamma, threshold=cfg.seql_threshold),
-        "cdt": dict(gamma=cfg.cdt_gamma),
-        "gbl": dict(s=cfg.gbl_s, c=cfg.gbl_c),
-        "label_aware_smoothing": dict(head=cfg.las_head, tail=cfg.las_tail, shape=cfg.las_shape,
-                                      spread=cfg.las_spread),
-    }.get(cfg.name, {})
+def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
+    """The training loss of `cfg.name` with its options (settled by the config against its signature); a
+    known test prior file becomes the `test_prior` option of a loss that takes one (bal_bce)."""
+    options = dict(cfg.options)
+    if cfg.test_prior_file and "test_prior" in signature(LOSSES[cfg.name].fn)[1]:
+        prior = read_class_counts(cfg.test_prior_file)
+        options["test_prior"] = torch.as_tensor(prior / prior.sum(), dtype=torch.float32)
+    return build_loss(cfg.name, counts, **options)
+
+
+def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray, num_classes: int,
+                       progress: Callable[[int], float]) -> Callable[..., torch.Tensor]:
+    """`forward(net, images, labels, indices, step) -> loss` of classifier training (ordinary fine-tuning, a
+    trained second stage, the benchmark): the recipe's loss on mixup / smoothed targets at `progress(step)`."""
+    criterion = make_criterion(cfg.loss, counts)
+    targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, num_classes)
+
+    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step: int) -> torch.Tensor:
+        images, target = targets(images, labels)
+        return criterion(net(images), target, progress(step))
+    return forward
 
 
 class TargetMaker:

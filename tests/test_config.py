@@ -84,3 +84,40 @@ def test_help_lists_every_field_with_its_doc(capsys):
     for key in c.flat_fields(c.FinetuneConfig):
         assert f"--{key} " in out
     assert "layer-wise lr decay" in out
+
+
+def test_loss_options_are_the_loss_functions_own():
+    args = ["--data", "tiny", "--method", "ldam"]
+    cfg = c.parse_args("finetune", args + ["--loss.s", "20"])  # the function's name, coerced to its default's type
+    assert cfg.loss.options == {"s": 20.0, "max_margin": 0.5, "drw_start": 0.8, "drw_beta": 0.9999,
+                                "drw_mean": "weighted"}
+    assert isinstance(cfg.loss.options["s"], float) and c.sources_of(cfg)["loss.s"] == "--loss.s"
+    # an option of another loss names the loss and the options it takes, before anything runs
+    with pytest.raises(c.ConfigError, match=r"command line: unknown key 'loss\.tau'.*ldam' takes the options: s, "
+                                            r"max_margin, drw_start, drw_beta, drw_mean"):
+        c.parse_args("finetune", args + ["--loss.tau", "2"])
+    with pytest.raises(c.ConfigError, match=r"--loss\.s: key 'loss\.s' expects float, got 'abc'"):
+        c.parse_args("finetune", args + ["--loss.s", "abc"])
+    with pytest.raises(c.ConfigError, match=r"key 'loss\.name': unknown loss 'nope'"):
+        c.parse_args("finetune", ["--loss.name", "nope"])
+    # tuples by the annotation; a layer that changes the loss drops the options of the one before (the
+    # cifar10_lt preset's bal_bce tau / variant), and --loss.name applies before the other overrides
+    reslt = c.parse_args("finetune", ["--method", "reslt", "--loss.split", "0.2,0.2"])
+    assert reslt.loss.options["split"] == (0.2, 0.2)
+    cfg = c.parse_args("finetune", ["--data", "cifar10_lt", "--loss.gamma", "3", "--loss.name", "focal"])
+    assert cfg.loss.options == {"gamma": 3.0}
+    assert c.parse_args("finetune", ["--data", "cifar10_lt"]).loss.options == {"tau": 1.0, "variant": "eq10"}
+
+
+def test_loss_options_enter_the_hash_given_or_default(tmp_path):
+    base = c.parse_args("finetune", ["--data", "tiny", "--loss.name", "ldam"])
+    same = c.parse_args("finetune", ["--data", "tiny", "--loss.name", "ldam", "--loss.s", "30"])
+    other = c.parse_args("finetune", ["--data", "tiny", "--loss.name", "ldam", "--loss.s", "20"])
+    assert c.run_name(base, "finetune") == c.run_name(same, "finetune") != c.run_name(other, "finetune")
+    assert "loss.s" not in c.non_default_sources(base) and c.non_default_sources(other)["loss.s"] == "--loss.s"
+    # config.yaml writes the options beside the loss's fields and reads back to the same config
+    c.save(other, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["loss"]["s"] == 20.0 and "options" not in saved["loss"]
+    again = c.from_dict("finetune", saved)
+    assert again == other and c.config_hash(again) == c.config_hash(other)

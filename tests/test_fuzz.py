@@ -30,6 +30,8 @@ from livt.data.errors import (
 )
 from livt.data.splits import SplitFileDataset
 from livt.data.stats import counts_from_file, read_class_counts
+from livt.losses import LOSSES
+from livt.stages import STAGES2
 
 FUZZ = settings(derandomize=True, max_examples=250, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -443,12 +445,16 @@ def test_yaml_arbitrary_text_only_config_errors(work, content):
         assert_declared_types(cfg, "pretrain")
 
 
+# keys that name a registered function take one of its names (any other string is refused at parse time)
+NAMES = {"loss.name": st.sampled_from(list(LOSSES)), "stage2": st.sampled_from(["", *STAGES2])}
+
+
 @st.composite
 def valid_override(draw, stage):
     # `method` is set through the --method layer (a recipe name), not as a plain key
     key = draw(st.sampled_from(sorted(k for k in declared(stage) if k not in c.LAYER_FLAGS)))
     tp = declared(stage)[key]
-    value = draw(typed_value(tp))
+    value = draw(NAMES[key]) if key in NAMES else draw(typed_value(tp))
     flag = "--" + (key.replace("_", "-") if draw(st.booleans()) else key)
     text = render(value, tp)
     tokens = [f"{flag}={text}"] if draw(st.booleans()) else [flag, text]

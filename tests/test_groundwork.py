@@ -169,14 +169,14 @@ def test_layering_order_and_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "METHOD_DIR", tmp_path)
     (tmp_path / "m.yaml").write_text(
         "about: {family: test, paper: none}\n"
-        "loss: {name: focal, focal_gamma: 1.5}\n"
+        "loss: {name: focal, gamma: 1.5}\n"
         "optim: {epochs: 11, blr: 0.5}\n"
         "by_dataset:\n  synthetic: {optim: {epochs: 12}}\n  places_lt: {optim: {epochs: 99}}\n")
     user = tmp_path / "user.yaml"
     user.write_text("optim: {blr: 0.25}\n")
     cfg = c.parse_args("finetune", ["--data", "tiny", "--method", "m", "--config", str(user),
                                     "--optim.warmup_epochs", "0.5"])
-    assert cfg.method == "m" and cfg.loss.name == "focal" and cfg.loss.focal_gamma == 1.5
+    assert cfg.method == "m" and cfg.loss.name == "focal" and cfg.loss.options["gamma"] == 1.5
     assert cfg.optim.epochs == 12  # by_dataset for the dataset kind beats the method's top level
     assert cfg.optim.blr == 0.25  # --config beats the method
     assert cfg.optim.warmup_epochs == 0.5  # --key beats everything

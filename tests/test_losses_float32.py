@@ -111,7 +111,7 @@ def term_scale(outputs: dict[str, torch.Tensor], loss64: torch.Tensor) -> float:
 
 def cases(name: str):
     """(where, outputs, float32 loss, float64 loss, float32 grads, float64 grads) of every case of a loss."""
-    inputs, _ = signature(LOSSES[name])
+    inputs, _ = signature(LOSSES[name].fn)
     needs = [i for i in inputs if i not in INPUTS]
     assert needs, f"loss '{name}' takes no model output"
     progresses = PROGRESS if "progress" in inputs else (0.0,)
@@ -132,7 +132,7 @@ def cases(name: str):
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_every_registered_loss_is_right_in_float32(name):
     results = list(cases(name))
-    inputs, _ = signature(LOSSES[name])
+    inputs, _ = signature(LOSSES[name].fn)
     assert len(results) == len(PROFILES) * len(SCENARIOS) * 3 * (len(PROGRESS) if "progress" in inputs else 1)
     # the gradient scale of each input: its largest float64 gradient entry over all cases
     scale = {k: max(r[5][k].abs().max().item() for r in results) for k in results[0][5]}

@@ -303,7 +303,7 @@ def test_reslt_recipe_runs_end_to_end(tmp_path):
     results = json.loads((run_dir / "test_results.json").read_text())
     assert results["method"] == "reslt" and results["loss"] == "reslt" and "transductive" not in results
     model, meta = load_classifier(run_dir / "classifier.safetensors")
-    assert isinstance(model, ResLTClassifier) and meta["config"]["loss"]["reslt_alpha"] == 0.995
+    assert isinstance(model, ResLTClassifier) and meta["config"]["loss"]["alpha"] == 0.995
 
 
 def test_sade_recipe_with_test_time_aggregation_runs_end_to_end(tmp_path):

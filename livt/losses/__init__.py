@@ -4,8 +4,10 @@ Every loss is a pure function whose signature says what it needs: parameters WIT
 inputs (`targets`, `class_counts`, `progress` = training progress in [0, 1), or any entry of the
 model-output dict such as `logits`, `features`, `cosine`), parameters WITH a default are options.
 `build_loss` turns one into the `Criterion` the training loop calls as
-`criterion(outputs, targets, progress)`, so a new loss is a new function in `LOSSES` and nothing in
-the loop changes. Families: `balanced` (logit adjustment: bal_ce, bal_bce, gbl, lade), `reweighted`
+`criterion(outputs, targets, progress)`. A new loss is one function and one `Loss` record in `LOSSES`
+(with its family for post-hoc adjustment, and its per-class tables if it has any), plus a method recipe:
+its options are `--loss.<option>` as they stand, checked against its signature (livt.config), and nothing
+in the loop changes. Modules: `balanced` (logit adjustment: bal_ce, bal_bce, gbl, lade), `reweighted`
 (focal, cb_ce, cb_focal, cb_bce, weighted_ce, ib, seql), `margin` (ldam, cdt).
 
 - Scores (`logits` or `cosine`): (B, C), any float dtype; computed in float32 (float64 stays float64)
@@ -34,7 +36,9 @@ adjustment).
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -68,39 +72,59 @@ def bce(logits: Tensor, targets: Tensor) -> Tensor:
     return bce_kernel(logits, targets)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "ce": ce,
-    "bce": bce,
-    "bal_ce": bal_ce,
-    "bal_bce": bal_bce,
-    "focal": focal,
-    "cb_ce": cb_ce,
-    "cb_focal": cb_focal,
-    "cb_bce": cb_bce,
-    "weighted_ce": weighted_ce,
-    "ldam": ldam,
-    "lade": lade,
-    "ib": ib,
-    "seql": seql,
-    "cdt": cdt,
-    "gbl": gbl,
-    "label_aware_smoothing": label_aware_smoothing,  # MiSLAS stage 2
-    "reslt": reslt,  # module improvements: losses on the branch / expert outputs (livt.losses.modules)
-    "sade": sade,
-}
+SOFTMAX, SIGMOID = "softmax", "sigmoid"  # families: how a known test prior shifts the logits (metrics.posthoc_adjust)
 
-# Count-based losses: name -> (tables(class_counts, **options) -> {name: (C,) tensor}, kernel), so that
-# `Criterion` computes biases / weights / margins once, validates every option at build time, and
-# copies the tables to each device once rather than every step. The public function is the kernel
-# applied to its tables.
-TABLES: dict[str, tuple[Callable[..., dict[str, Tensor]], Callable[..., Tensor]]] = {
-    **balanced.TABLES, **reweighted.TABLES, **margin.TABLES, **smoothing.TABLES, **modules.TABLES}
+
+@dataclass(frozen=True)
+class Loss:
+    """One registered loss, declared once: the function (its signature is the loss's inputs and options),
+    its family, and, for count-based losses, `tables(class_counts, **options) -> {name: (C,) tensor}` with
+    the `kernel` that applies them, so that `Criterion` computes biases / weights / margins once, validates
+    every option at build time, and copies the tables to each device once. The function is the kernel
+    applied to its tables."""
+
+    fn: Callable[..., Tensor]
+    family: str
+    """softmax (trained through a softmax: a known test prior adds log pi_t) | sigmoid (per-class sigmoids:
+    adds logit(pi_t) - logit(1/C))"""
+    tables: Callable[..., dict[str, Tensor]] | None = None
+    kernel: Callable[..., Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in (SOFTMAX, SIGMOID):
+            raise ValueError(f"loss {self.fn.__name__}: family must be '{SOFTMAX}' or '{SIGMOID}', got {self.family!r}")
+        if (self.tables is None) != (self.kernel is None):
+            raise ValueError(f"loss {self.fn.__name__}: give both tables and kernel, or neither")
+
+
+LOSSES: dict[str, Loss] = {
+    "ce": Loss(ce, SOFTMAX),
+    "bce": Loss(bce, SIGMOID),
+    "bal_ce": Loss(bal_ce, SOFTMAX, balanced._bal_ce_tables, ce_kernel),
+    "bal_bce": Loss(bal_bce, SIGMOID, balanced._bal_bce_tables, bce_kernel),
+    "focal": Loss(focal, SOFTMAX),
+    "cb_ce": Loss(cb_ce, SOFTMAX, reweighted._cb_tables, reweighted.weighted_ce_kernel),
+    "cb_focal": Loss(cb_focal, SIGMOID, reweighted._cb_tables, reweighted._sigmoid_focal_kernel),
+    "cb_bce": Loss(cb_bce, SIGMOID, reweighted._cb_tables, reweighted._sigmoid_focal_kernel),
+    "weighted_ce": Loss(weighted_ce, SOFTMAX, reweighted._inverse_frequency_tables, reweighted.weighted_ce_kernel),
+    "ldam": Loss(ldam, SOFTMAX, margin._ldam_tables, margin._ldam_kernel),
+    "lade": Loss(lade, SOFTMAX, balanced._log_prior_tables, balanced._lade_kernel),
+    "ib": Loss(ib, SOFTMAX, reweighted._inverse_frequency_tables, reweighted._ib_kernel),
+    "seql": Loss(seql, SOFTMAX, reweighted._seql_tables, reweighted._seql_kernel),
+    "cdt": Loss(cdt, SOFTMAX, margin._cdt_tables, margin._cdt_kernel),
+    "gbl": Loss(gbl, SOFTMAX, balanced._log_prior_tables, balanced._gbl_kernel),
+    # MiSLAS stage 2
+    "label_aware_smoothing": Loss(label_aware_smoothing, SOFTMAX, smoothing._las_tables, smoothing._las_kernel),
+    # module improvements: losses on the branch / expert outputs (livt.losses.modules)
+    "reslt": Loss(reslt, SOFTMAX, modules._reslt_tables, modules._reslt_kernel),
+    "sade": Loss(sade, SOFTMAX, modules._sade_tables, modules._sade_kernel),
+}
 
 INPUTS = ("targets", "class_counts", "progress")  # what the loop supplies besides the model outputs
 
 
 def signature(fn: Callable[..., Tensor]) -> tuple[list[str], list[str]]:
-    """(inputs, options) of a loss: its parameters without and with a default."""
+    """(inputs, options) of a loss function: its parameters without and with a default."""
     params = inspect.signature(fn).parameters.values()
     return ([p.name for p in params if p.default is inspect.Parameter.empty],
             [p.name for p in params if p.default is not inspect.Parameter.empty])
@@ -108,6 +132,23 @@ def signature(fn: Callable[..., Tensor]) -> tuple[list[str], list[str]]:
 
 def _params(fn: Callable[..., object]) -> list[str]:
     return list(inspect.signature(inspect.unwrap(fn)).parameters)
+
+
+def options(name: str) -> dict[str, tuple[type, object]]:
+    """{option: (type, default)} of a registered loss that a config may set (`--loss.<option>`): its
+    parameters with a default other than None, typed by the default (tuples by the annotation)."""
+    fn = LOSSES[name].fn
+    hints = typing.get_type_hints(fn)
+    return {p.name: (hints[p.name] if isinstance(p.default, tuple) else type(p.default), p.default)
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty and p.default is not None}
+
+
+def family(name: str) -> str:
+    """'softmax' or 'sigmoid': the family of a registered loss (ValueError listing the losses otherwise)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name].family
 
 
 class Criterion:
@@ -121,8 +162,8 @@ class Criterion:
     def __init__(self, name: str, class_counts: Counts, **options: object) -> None:
         if name not in LOSSES:
             raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
-        self.name, self.options = name, options
-        self.inputs, accepted = signature(LOSSES[name])
+        self.name, self.options, loss = name, options, LOSSES[name]
+        self.inputs, accepted = signature(loss.fn)
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ValueError(f"loss '{name}' takes no option {', '.join(unknown)}; "
@@ -131,16 +172,14 @@ class Criterion:
         self._tables: dict[str, Tensor] = {}
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
         self._counts = counts64(class_counts) if "class_counts" in self.inputs else None  # validated now
-        if name in TABLES:
-            make, self._kernel = TABLES[name]
-            defaults = {p.name: p.default for p in inspect.signature(LOSSES[name]).parameters.values()
+        self._kernel = loss.kernel
+        if loss.tables is not None:
+            defaults = {p.name: p.default for p in inspect.signature(loss.fn).parameters.values()
                         if p.default is not inspect.Parameter.empty}
             full = {**defaults, **options}
-            self._tables = make(class_counts, **full)  # (C,) float32, CPU; raises now, not at step 1
-            self._kernel_params = _params(self._kernel)
+            self._tables = loss.tables(class_counts, **full)  # (C,) float32, CPU; raises now, not at step 1
+            self._kernel_params = _params(loss.kernel)
             self._kernel_options = {k: v for k, v in full.items() if k in self._kernel_params}
-        else:
-            self._kernel = None
 
     def _device_tables(self, device: torch.device) -> dict[str, Tensor]:
         tables = self._on_device.get(device)
@@ -158,7 +197,7 @@ class Criterion:
         supplied = {"targets": targets, "progress": float(progress), "class_counts": self._counts,
                     **{k: outputs[k] for k in self.needs}}
         if self._kernel is None:
-            return LOSSES[self.name](**{k: supplied[k] for k in self.inputs}, **self.options)
+            return LOSSES[self.name].fn(**{k: supplied[k] for k in self.inputs}, **self.options)
         tables = self._device_tables(outputs[self.needs[0]].device)
         kwargs = {k: supplied[k] for k in self._kernel_params if k in supplied and k != "class_counts"}
         return self._kernel(**kwargs, **tables, **self._kernel_options)
@@ -172,7 +211,7 @@ def build_loss(name: str, class_counts: Counts, **options: object) -> Criterion:
     return Criterion(name, class_counts, **options)
 
 
-__all__ = ["LOSSES", "TABLES", "BIAS_VARIANTS", "Criterion", "signature", "prior", "bal_bce_bias", "cb_weights",
-           "inverse_frequency_weights", "ldam_margins", "cdt_temperatures", "gbl_alpha", "ce", "bce", "bal_ce",
-           "bal_bce", "focal", "cb_ce", "cb_focal", "cb_bce", "weighted_ce", "ldam", "lade", "ib", "seql", "cdt",
-           "gbl", "label_aware_smoothing", "las_epsilons", "reslt", "sade", "build_loss"]
+__all__ = ["LOSSES", "Loss", "SOFTMAX", "SIGMOID", "BIAS_VARIANTS", "Criterion", "signature", "options", "family",
+           "prior", "bal_bce_bias", "cb_weights", "inverse_frequency_weights", "ldam_margins", "cdt_temperatures",
+           "gbl_alpha", "ce", "bce", "bal_ce", "bal_bce", "focal", "cb_ce", "cb_focal", "cb_bce", "weighted_ce", "ldam",
+           "lade", "ib", "seql", "cdt", "gbl", "label_aware_smoothing", "las_epsilons", "reslt", "sade", "build_loss"]

@@ -128,11 +128,3 @@ def lade(logits: Tensor, targets: Tensor, class_counts: Counts, alpha: float = 0
     prior)."""
     return _lade_kernel(logits, targets, **_log_prior_tables(class_counts, alpha=alpha, lam=lam),
                         alpha=alpha, lam=lam)
-
-
-TABLES = {
-    "bal_ce": (_bal_ce_tables, ce_kernel),
-    "bal_bce": (_bal_bce_tables, bce_kernel),
-    "gbl": (_log_prior_tables, _gbl_kernel),
-    "lade": (_log_prior_tables, _lade_kernel),
-}

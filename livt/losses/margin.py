@@ -94,9 +94,3 @@ def cdt(logits: Tensor, targets: Tensor, class_counts: Counts, gamma: float = 0.
     """Class-dependent temperatures (Ye et al. 2020): CE on z_c / a_c, a_c from `cdt_temperatures`;
     gamma = 0 is CE. Predict with z."""
     return _cdt_kernel(logits, targets, **_cdt_tables(class_counts, gamma))
-
-
-TABLES = {
-    "ldam": (_ldam_tables, _ldam_kernel),
-    "cdt": (_cdt_tables, _cdt_kernel),
-}

@@ -139,7 +139,3 @@ def sade(expert_logits: Tensor, targets: Tensor, class_counts: Counts, lam: floa
     """SADE's expertise-guided losses, summed: forward expert CE(v1), uniform expert CE(v2 + log pi)
     (Bal-CE), backward expert CE(v3 + log pi - lam * log pi_inv), `expert_logits` (3, B, C)."""
     return _sade_kernel(expert_logits, targets, **_sade_tables(class_counts, lam), lam=lam)
-
-
-# per-class tables computed once by `livt.losses.Criterion` (the group of each class; log pi, log pi_inv)
-TABLES = {"reslt": (_reslt_tables, _reslt_kernel), "sade": (_sade_tables, _sade_kernel)}

@@ -150,13 +150,3 @@ def seql(logits: Tensor, targets: Tensor, class_counts: Counts, gamma: float = 0
     `threshold` leaves the denominator with probability `gamma` (one draw per sample and class).
     Soft targets: sum_c t_c times the loss were the label c, with the same draw."""
     return _seql_kernel(logits, targets, **_seql_tables(class_counts, gamma, threshold), gamma=float(gamma))
-
-
-TABLES = {
-    "cb_ce": (_cb_tables, weighted_ce_kernel),
-    "cb_focal": (_cb_tables, _sigmoid_focal_kernel),
-    "cb_bce": (_cb_tables, _sigmoid_focal_kernel),
-    "weighted_ce": (_inverse_frequency_tables, weighted_ce_kernel),
-    "ib": (_inverse_frequency_tables, _ib_kernel),
-    "seql": (_seql_tables, _seql_kernel),
-}

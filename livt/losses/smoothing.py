@@ -27,7 +27,7 @@ def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, sha
     sin(pi x / 2), convex head - (head - tail) cos(pi x / 2). Equal counts give every class `head`."""
     if shape not in LAS_SHAPES:
         raise ValueError(f"unknown label-aware smoothing shape '{shape}'; choose one of {', '.join(LAS_SHAPES)}")
-    for name, eps in (("las_head", head), ("las_tail", tail)):
+    for name, eps in (("head", head), ("tail", tail)):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"label-aware smoothing {name} must be in [0, 1), got {eps}")
     n = prior64(class_counts)  # proportional to the counts; validates them
@@ -65,6 +65,3 @@ def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts,
                           tail: float = 0.0, shape: str = "concave", spread: str = "code") -> Tensor:
     """MiSLAS label-aware smoothing (module docstring), batch mean."""
     return _las_kernel(logits, targets, **_las_tables(class_counts, head, tail, shape, spread))
-
-
-TABLES = {"label_aware_smoothing": (_las_tables, _las_kernel)}
