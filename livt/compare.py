@@ -75,6 +75,7 @@ from livt.jobs import (
     say,
     shown,
 )
+from livt.models.cnn import is_cnn
 
 PRETRAIN_SHARED = ("data.", "model.name", "model.patch_size")  # shared overrides pretraining also takes
 METRICS = ("top1", "many", "medium", "few", "head", "tail", "ece", "mce", "nll")
@@ -83,10 +84,6 @@ SCRATCH = "@scratch"
 
 # ---------------------------------------------------------------------------------------------
 # Planning: which processes to run
-
-
-def is_cnn(cfg: config_lib.FinetuneConfig) -> bool:
-    return not cfg.model.name.startswith("vit")
 
 
 CHAIN = ("data.", "model.")  # --vary keys every stage of a row must share (its stage 1 and pretraining too)
@@ -158,7 +155,7 @@ class Planner:
         cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
         if not (cfg.from_scratch or cfg.pretrained or cfg.init_classifier or cfg.stage2):  # a second stage
             # starts from its stage 1's classifier (--init_classifier, added by `row`), nothing else
-            if is_cnn(cfg) or scratch or encoder is None:
+            if is_cnn(cfg.model.name) or scratch or encoder is None:
                 argv += ["--from_scratch"]
             else:
                 argv += ["--pretrained", encoder]
@@ -188,7 +185,7 @@ class Planner:
                 argv += ["--init_classifier", str(Path(chain[-1]) / "classifier.safetensors")]
             argv = self.fit_processes("finetune", argv)
             cfg = config_lib.parse_args("finetune", argv)
-            row.cnn = is_cnn(cfg)
+            row.cnn = is_cnn(cfg.model.name)
             run_dir = str(config_lib.run_dir(cfg, "finetune"))
             needs = list(deps) + chain[-1:] + ([pretrain_key] if "--pretrained" in argv and pretrain_key else [])
             row.jobs = chain + [self.add(Job(run_dir, argv, deps=needs))]
