@@ -118,8 +118,12 @@ def scontrol(*cmd: str) -> subprocess.CompletedProcess:
 
 def check(args: argparse.Namespace) -> None:
     """Controller, partition and sbatch options, before anything is submitted."""
-    ping = scontrol("scontrol", "ping")
-    if ping.returncode or "UP" not in ping.stdout:
+    for attempt in range(3):  # a busy controller may miss one ping
+        ping = scontrol("scontrol", "ping")
+        if not ping.returncode and "UP" in ping.stdout:
+            break
+        time.sleep(attempt + 1)
+    else:
         raise SystemExit("livt compare --launcher slurm: the SLURM controller cannot be reached "
                          f"(scontrol ping: {(ping.stdout + ping.stderr).strip() or ping.returncode})")
     if args.slurm_partition and scontrol("scontrol", "show", "partition", args.slurm_partition).returncode:

@@ -297,8 +297,20 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+# The one allowed function-level edge back: config checks `--decoupled.<option>` against the signature of the
+# second stage's function in livt.stages.STAGES2, imported where a stage is named (livt.stages needs config).
+LAZY_REGISTRY_EDGES = {("livt.config", "livt.stages")}
+
+
 def test_no_import_cycle_among_livt_modules():
     graph = import_graph()
+    for mod, dep in LAZY_REGISTRY_EDGES:
+        source = (REPO / (mod.replace(".", "/") + ".py")).read_text()
+        assert f"from {dep} import" in source or f"from {dep.rpartition('.')[0]} import {dep.rpartition('.')[2]}" \
+            in source, (mod, dep)
+        assert not any(line.startswith(("from " + dep, "import " + dep, "from livt import stages"))
+                       for line in source.splitlines()), f"{mod} imports {dep} at the top level"
+        graph[mod].discard(dep)
     assert graph["livt.data.stats"] >= {"livt.data.splits"} and "livt.data.stats" not in graph["livt.data.splits"]
     assert "livt.metrics" in graph["livt.figures"] and "livt.figures" not in graph["livt.metrics"]
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done

@@ -44,6 +44,7 @@ def bench_rows(md: str) -> set[tuple[str, str, str]]:
     return rows
 
 
+@pytest.mark.timeout(600)  # ~150 s alone on 2 cores; a loaded machine doubles it
 def test_tiny_gpu_call_runs_on_cpu_and_becomes_the_tables(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "TINY": "1", "OUT": str(out), "WORK": str(work), "OMP_NUM_THREADS": "1"}
