@@ -19,21 +19,12 @@ from livt import engine, stages
 from livt.checkpoint import load_classifier, load_encoder, load_file_with_meta
 from livt.data import build_dataset, resolve_normalization, train_class_counts
 from livt.data.stats import class_counts, describe
+from livt.evaluate import check_tta, evaluate_split, posthoc_tau, selection_rule
 from livt.export import pretrained_cfg
 from livt.models import WithOutputs, build_classifier, is_cnn
 from livt.models.sade import SADEClassifier
-from livt.tuning import (
-    build_model,
-    check_pretrained_matches,
-    check_tta,
-    classifier_forward,
-    evaluate_split,
-    fit_and_report,
-    posthoc_tau,
-    report,
-    selection_rule,
-    train_data,
-)
+from livt.report import report
+from livt.tuning import build_model, check_pretrained_matches, classifier_forward, fit_and_report, train_data
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livt import config as config_lib
-from livt import engine, tuning
+from livt import engine, evaluate, report, tuning
 from livt.checkpoint import arch_of, load_classifier, save_model
 from livt.data import build_dataset, heldout_val
 from livt.data.loading import Augmented
@@ -409,7 +409,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     if stage.solve is not None:
         return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
 
-    rule, val_split = tuning.selection_rule(cfg, val, test)
+    rule, val_split = evaluate.selection_rule(cfg, val, test)
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
     trainer = build_trainer(cfg, accelerator, run_dir, model, train, counts)
     tuning.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
@@ -440,12 +440,12 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     if accelerator.is_main_process:
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
-    _, val_split = tuning.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    results = tuning.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, final=True)
+    _, val_split = evaluate.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
+    results = evaluate.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, final=True)
     results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
                             "select": cfg.select}
     results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
     results.update(info)
-    tuning.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
+    report.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
     accelerator.end_training()
     return run_dir

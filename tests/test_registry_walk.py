@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from livt import config as c
-from livt import engine, stages, tuning
+from livt import engine, evaluate, stages, tuning
 from livt.data import build_dataset
 from livt.losses import LOSSES, SIGMOID, SOFTMAX
 from livt.metrics import posthoc_adjust
@@ -73,7 +73,7 @@ def test_every_loss_is_whole(name):
     logits, labels = torch.randn(100, 5), torch.arange(100) % 5
     shift = posthoc_adjust(logits, COUNTS, [5, 4, 3, 2, 1], name) - logits
     assert torch.allclose(shift, shift[0].expand_as(shift)) and shift[0, 0] > shift[0, 4]
-    rows = tuning.shifted_prior_rows(logits, labels, COUNTS, 5.0, name, seed=0)
+    rows = evaluate.shifted_prior_rows(logits, labels, COUNTS, 5.0, name, seed=0)
     assert [r["post-hoc"] for r in rows] == ["no", "yes", "no", "yes"]
 
 
