@@ -16,15 +16,16 @@ import torch
 
 from livt import config as config_lib
 from livt import engine, stages
-from livt.checkpoint import load_classifier, load_encoder, load_file_with_meta
+from livt.checkpoint import check_pretrained_matches, load_classifier, load_encoder, load_file_with_meta
 from livt.data import build_dataset, resolve_normalization, train_class_counts
+from livt.data.loading import train_data
 from livt.data.stats import class_counts, describe
 from livt.evaluate import check_tta, evaluate_split, posthoc_tau, selection_rule
 from livt.export import pretrained_cfg
-from livt.models import WithOutputs, build_classifier, is_cnn
+from livt.models import WithOutputs, build_classifier, build_model, is_cnn
 from livt.models.sade import SADEClassifier
 from livt.report import report
-from livt.tuning import build_model, check_pretrained_matches, classifier_forward, fit_and_report, train_data
+from livt.tuning import classifier_forward, fit_and_report
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:

@@ -55,9 +55,9 @@ from torch import Tensor, nn
 
 from livt import config as config_lib
 from livt import engine, evaluate, report, tuning
-from livt.checkpoint import arch_of, load_classifier, save_model
+from livt.checkpoint import arch_of, check_pretrained_matches, load_classifier, save_model
 from livt.data import build_dataset, heldout_val
-from livt.data.loading import Augmented
+from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
 from livt.metrics import class_accuracy
@@ -360,7 +360,7 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
         if theirs is not None and mine != theirs:
             raise config_lib.ConfigError(f"--init_classifier {path} has {key.split('.')[1]} {theirs}, this stage "
                                          f"--{key} {mine}; give the stage-1 value")
-    tuning.check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
+    check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
     carved = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0)
     if meta.get("dataset") == d.dataset and carved != d.val_from_train:
         raise config_lib.ConfigError(
@@ -381,7 +381,7 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     net, optimize = stage.trainable(model, cfg, **cfg.decoupled.options)
     forward = tuning.classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, net,
-                             tuning.train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
+                             train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
                              forward, optimize=optimize)
     return trainer
 

@@ -20,19 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup
 
 from livt import config as config_lib
 from livt import engine
 from livt.checkpoint import arch_of, load_file_with_meta, save_model
-from livt.data.device import OnDevice, check_finetune_aug
-from livt.data.errors import DataError
-from livt.data.loading import Augmented
 from livt.data.stats import read_class_counts
-from livt.data.transforms import finetune_transform
+from livt.data.transforms import TargetMaker
 from livt.evaluate import evaluate_split, posthoc_tau
 from livt.losses import LOSSES, Criterion, build_loss, signature
-from livt.models import build_classifier
 from livt.report import report
 
 
@@ -57,74 +52,6 @@ def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray, num_c
         images, target = targets(images, labels)
         return criterion(net(images), target, progress(step))
     return forward
-
-
-class TargetMaker:
-    """Mixup / CutMix (timm) with label smoothing; hard labels become soft targets.
-
-    timm's Mixup needs an even batch: with an odd one, the last sample is left unmixed (smoothed
-    one-hot target only).
-    """
-
-    def __init__(self, aug: config_lib.AugConfig, label_smoothing: float, num_classes: int) -> None:
-        self.num_classes, self.smoothing = num_classes, label_smoothing
-        self.mixup = None
-        if aug.mixup > 0 or aug.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
-                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
-
-    def smooth(self, labels: torch.Tensor) -> torch.Tensor:
-        off = self.smoothing / self.num_classes
-        return torch.full((len(labels), self.num_classes), off, device=labels.device).scatter_(
-            1, labels[:, None], 1.0 - self.smoothing + off)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mixup is None and self.smoothing == 0:
-            return images, labels  # hard labels (the CNN recipes; losses that refuse soft targets)
-        if self.mixup is None:
-            return images, self.smooth(labels)
-        even = len(images) - len(images) % 2
-        if even == 0:
-            return images, self.smooth(labels)
-        mixed, targets = self.mixup(images[:even].clone(), labels[:even])
-        if even == len(images):
-            return mixed, targets
-        return (torch.cat([mixed, images[even:]]),
-                torch.cat([targets, self.smooth(labels[even:])]))
-
-
-def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str,
-                             val_from_train: float = 0.0) -> None:
-    """A pretraining file made on this same dataset must have seen the same classes (the same counts,
-    unless one of the stages carved a val split from train)."""
-    if meta.get("dataset") != dataset_name or meta.get("class_counts") is None:
-        return
-    pre = np.asarray(meta["class_counts"])
-    same_carve = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0) == val_from_train
-    if len(pre) != len(counts) or (same_carve and not np.array_equal(pre, counts)):
-        raise DataError(
-            f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
-            f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
-            f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
-
-
-def build_model(cfg: config_lib.FinetuneConfig, num_classes: int) -> torch.nn.Module:
-    m = cfg.model
-    return build_classifier(m.name, cfg.data.img_size, m.patch_size, num_classes, m.drop_path_rate, m.head,
-                            m.head_scale)
-
-
-def train_data(cfg: config_lib.FinetuneConfig, train, device: torch.device):
-    """The augmented training set of `cfg`: held on the device with batched crop / flip (`data.on_device`),
-    or per-sample transforms in loader workers (crop, RandAugment, random erasing; mixup is in
-    `TargetMaker`)."""
-    d, a = cfg.data, cfg.aug
-    if d.on_device:
-        check_finetune_aug(a)
-        return OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad)
-    transform = finetune_transform(d.img_size, d.mean, d.std, a.rand_augment, a.reprob, a.color_jitter,
-                                   a.crop_scale, a.crop, a.pad)
-    return Augmented(train, transform, cfg.seed, d.skip_bad_images)
 
 
 def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, trainer: engine.Trainer,
