@@ -1,5 +1,7 @@
 """Evaluation of a classifier on a split: raw, post-hoc adjusted (tau chosen on held-out val), on shifted
-test priors, SADE's transductive rows; and the selection rule (which epoch is reported)."""
+test priors, SADE's transductive rows; and the selection rule (which epoch is reported: best val top-1 where
+the val split is held out, else the last). The test split never chooses anything: tau and the epoch come from
+a held-out val split, else tau is fixed at 1."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Fine-tuning: Balanced Fine-Tuning (stage 2 of LiVT) and every fine-tuning method, second stages on a
 frozen backbone (`--stage2`, `livt.stages`), and evaluation of saved classifiers (`--eval_only`).
 
-The selection rule, evaluation and results files are `livt.tuning`'s. Outputs in the run directory:
-classifier.safetensors (reported), classifier_last.safetensors, test_results.{json,md}, per-class
-accuracy and confusion CSVs, two figures, a model card (README.md), config.yaml, metrics.jsonl,
+Training is `livt.tuning`'s, evaluation `livt.evaluate`'s, the results files `livt.report`'s. Outputs in
+the run directory: classifier.safetensors (reported), classifier_last.safetensors, test_results.{json,md},
+per-class accuracy and confusion CSVs, two figures, a model card (README.md), config.yaml, metrics.jsonl,
 training states.
 """
 

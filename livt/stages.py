@@ -12,7 +12,7 @@ and every buffer: the backbone runs in eval mode, so dropout and drop path are o
 statistics stay, except under shifted BN (`decoupled.shift_bn`, MiSLAS). Trained methods run the Trainer of ordinary
 fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
 and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
-results files of `livt.tuning`, with a `stage2` entry saying what was changed.
+results files of `livt.report`, with a `stage2` entry saying what was changed.
 
 `STAGES2` (each recipe configs/methods/<name>.yaml names its stage 1 in `about.stage1`):
     crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livt import config as config_lib
-from livt import engine, evaluate, report, tuning
+from livt import engine, evaluate, tuning
 from livt.checkpoint import arch_of, check_pretrained_matches, load_classifier, save_model
 from livt.data import build_dataset, heldout_val
 from livt.data.loading import Augmented, train_data
@@ -441,11 +441,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
     _, val_split = evaluate.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    results = evaluate.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, final=True)
-    results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
-                            "select": cfg.select}
-    results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
-    results.update(info)
-    report.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
-    accelerator.end_training()
+    selection = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used", "select": cfg.select}
+    tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
+                   {**budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir

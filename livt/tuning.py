@@ -1,16 +1,6 @@
-"""The machinery every fine-tuning run shares (ordinary fine-tuning in `livt.finetune`, second stages in
-`livt.stages`): the training loss, training targets and data, the selection rule, evaluation (raw, post-hoc
-adjusted, shifted test priors, SADE's transductive rows), training with the reported epoch kept, and the
-results files.
-
-Which epoch is reported (`--select`): the best val top-1 where the val split is held out (its own
-split, or one carved from train with `--data.val_from_train`), else the last epoch; the rule and the
-epoch are written into the results. The test split is evaluated once, at the end, and never chooses
-anything; where val is the test split (CIFAR, iNat18) it is not even evaluated during training.
-`--posthoc` adds post-hoc logit adjustment z - tau log pi beside the raw result (key "posthoc" of
-test_results.json, a line of test_results.md): tau is the best val top-1 over `POSTHOC_TAUS` where the
-val split is held out, else fixed at 1, and the file says which.
-"""
+"""Training a classifier, shared by fine-tuning (`livt.finetune`), the trained second stages (`livt.stages`) and
+the benchmark: the loss and the forward, training that keeps the reported epoch (`--select`), and the end of a
+run (the test split evaluated once, then `livt.report`)."""
 
 from __future__ import annotations
 
@@ -96,13 +86,23 @@ def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, t
     state, _ = load_file_with_meta(reported_path)
     reported = export(classifier())
     reported.load_state_dict(state)
-    tau = posthoc_tau(accelerator, reported, cfg, val, test, counts)
-    results = evaluate_split(accelerator, reported, cfg, test, counts, cfg.loss.name, tau, final=True)
-    results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
-                            "select": cfg.select}
-    results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
-                         "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum
-                         * trainer.plan.world, "train_seconds": round(trainer.state.train_seconds, 1)}
+    selection = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split, "select": cfg.select}
+    budget = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
+              "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum * trainer.plan.world,
+              "train_seconds": round(trainer.state.train_seconds, 1)}
+    end_run(cfg, accelerator, run_dir, reported, val, test, counts, selection, budget, info)
+
+
+def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
+            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any], info: dict[str, Any] | None,
+            posthoc: bool = True) -> None:
+    """The end of a training run (fine-tuning, every second stage): the saved, reported `model` evaluated on
+    test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
+    recorded, the results files written."""
+    tau = posthoc_tau(accelerator, model, cfg, val, test, counts) if posthoc else None
+    results = evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, tau, final=True)
+    results["selection"] = selection
+    results["budget"] = budget
     results.update(info or {})
     report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
     accelerator.end_training()
