@@ -23,12 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from livt.data.errors import DataError
 from livt.models import set_head
 from livt.models.cnn import create_cnn, is_cnn
 from livt.models.heads import build_head, head_name
@@ -306,6 +308,21 @@ def load_classifier(
     check_compatible(arch, arch_of(model), f"load_classifier({path})")
     model.load_state_dict(strip_wrapper_prefixes(state))
     return model.to(device).eval(), meta
+
+
+def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str,
+                             val_from_train: float = 0.0) -> None:
+    """A pretraining file made on this same dataset must have seen the same classes (the same counts,
+    unless one of the stages carved a val split from train)."""
+    if meta.get("dataset") != dataset_name or meta.get("class_counts") is None:
+        return
+    pre = np.asarray(meta["class_counts"])
+    same_carve = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0) == val_from_train
+    if len(pre) != len(counts) or (same_carve and not np.array_equal(pre, counts)):
+        raise DataError(
+            f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
+            f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
+            f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Fine-tuning: Balanced Fine-Tuning (stage 2 of LiVT) and every fine-tuning method, second stages on a
 frozen backbone (`--stage2`, `livt.stages`), and evaluation of saved classifiers (`--eval_only`).
 
-The selection rule, evaluation and results files are `livt.tuning`'s. Outputs in the run directory:
-classifier.safetensors (reported), classifier_last.safetensors, test_results.{json,md}, per-class
-accuracy and confusion CSVs, two figures, a model card (README.md), config.yaml, metrics.jsonl,
+Training is `livt.tuning`'s, evaluation `livt.evaluate`'s, the results files `livt.report`'s. Outputs in
+the run directory: classifier.safetensors (reported), classifier_last.safetensors, test_results.{json,md},
+per-class accuracy and confusion CSVs, two figures, a model card (README.md), config.yaml, metrics.jsonl,
 training states.
 """
 
@@ -16,24 +16,16 @@ import torch
 
 from livt import config as config_lib
 from livt import engine, stages
-from livt.checkpoint import load_classifier, load_encoder, load_file_with_meta
+from livt.checkpoint import check_pretrained_matches, load_classifier, load_encoder, load_file_with_meta
 from livt.data import build_dataset, resolve_normalization, train_class_counts
+from livt.data.loading import train_data
 from livt.data.stats import class_counts, describe
+from livt.evaluate import check_tta, evaluate_split, posthoc_tau, selection_rule
 from livt.export import pretrained_cfg
-from livt.models import WithOutputs, build_classifier, is_cnn
+from livt.models import WithOutputs, build_classifier, build_model, is_cnn
 from livt.models.sade import SADEClassifier
-from livt.tuning import (
-    build_model,
-    check_pretrained_matches,
-    check_tta,
-    classifier_forward,
-    evaluate_split,
-    fit_and_report,
-    posthoc_tau,
-    report,
-    selection_rule,
-    train_data,
-)
+from livt.report import report
+from livt.tuning import classifier_forward, fit_and_report
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:

@@ -1,4 +1,4 @@
-"""Evaluation: top-1/top-5, shot-group accuracy, calibration, post-hoc prior adjustment, result files.
+"""Evaluation metrics: top-1/top-5, shot-group accuracy, calibration, post-hoc prior adjustment.
 
 Conventions: accuracies, ECE and MCE are percentages; shot groups use the TRAINING counts
 (`livt.data.stats.shot_groups`: many > 100, medium 20-100, few < 20); a group that is empty, or whose
@@ -219,34 +219,7 @@ def subsample_to_prior(labels: ArrayLike, prior: ArrayLike, seed: int) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables and result files
-
-_HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL"}
-TABLE_KEYS = ("split", "top1", "top5", "many", "medium", "few", "ece", "mce")
-
-
-def cell(v: object) -> str:
-    """A table cell: floats to 2 decimals, None / NaN as n/a."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.2f}"
-    return str(v)
-
-
-def is_scalar(v: object) -> bool:
-    """Whether a results entry is a table / JSON scalar (not an array, list or dict)."""
-    return v is None or isinstance(v, (int, float, str, np.integer, np.floating))
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of `rows`; columns in first-appearance order, floats to 2 decimals, None/NaN as
-    n/a. Non-scalar entries (arrays, lists, dicts, e.g. an `evaluate_logits` result's) are left out."""
-    keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if is_scalar(v)))
-    lines = ["| " + " | ".join(_HEADERS.get(k, k) for k in keys) + " |",
-             "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
+# Atomic writes (of the results files and figures, livt.report / livt.figures)
 
 
 @contextlib.contextmanager
@@ -264,5 +237,4 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 __all__ = ["reliability_bins", "ece_mce", "evaluate_logits", "posthoc_adjust", "logit_adjust", "choose_posthoc_tau",
-           "POSTHOC_TAUS", "long_tailed_test_prior", "subsample_to_prior", "format_table", "atomic_path", "cell",
-           "is_scalar", "TABLE_KEYS"]
+           "POSTHOC_TAUS", "long_tailed_test_prior", "subsample_to_prior", "atomic_path"]

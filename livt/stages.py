@@ -12,7 +12,7 @@ and every buffer: the backbone runs in eval mode, so dropout and drop path are o
 statistics stay, except under shifted BN (`decoupled.shift_bn`, MiSLAS). Trained methods run the Trainer of ordinary
 fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
 and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
-results files of `livt.tuning`, with a `stage2` entry saying what was changed.
+results files of `livt.report`, with a `stage2` entry saying what was changed.
 
 `STAGES2` (each recipe configs/methods/<name>.yaml names its stage 1 in `about.stage1`):
     crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livt import config as config_lib
-from livt import engine, tuning
-from livt.checkpoint import arch_of, load_classifier, save_model
+from livt import engine, evaluate, tuning
+from livt.checkpoint import arch_of, check_pretrained_matches, load_classifier, save_model
 from livt.data import build_dataset, heldout_val
-from livt.data.loading import Augmented
+from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
 from livt.metrics import class_accuracy
@@ -360,7 +360,7 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
         if theirs is not None and mine != theirs:
             raise config_lib.ConfigError(f"--init_classifier {path} has {key.split('.')[1]} {theirs}, this stage "
                                          f"--{key} {mine}; give the stage-1 value")
-    tuning.check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
+    check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
     carved = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0)
     if meta.get("dataset") == d.dataset and carved != d.val_from_train:
         raise config_lib.ConfigError(
@@ -381,7 +381,7 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     net, optimize = stage.trainable(model, cfg, **cfg.decoupled.options)
     forward = tuning.classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
     trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, net,
-                             tuning.train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
+                             train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
                              forward, optimize=optimize)
     return trainer
 
@@ -409,7 +409,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     if stage.solve is not None:
         return solve_and_report(cfg, stage, accelerator, run_dir, model, train, val, test, counts, meta, info)
 
-    rule, val_split = tuning.selection_rule(cfg, val, test)
+    rule, val_split = evaluate.selection_rule(cfg, val, test)
     accelerator.print(f"reported epoch: {rule} (val: {val_split})")
     trainer = build_trainer(cfg, accelerator, run_dir, model, train, counts)
     tuning.fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split,
@@ -440,12 +440,8 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     if accelerator.is_main_process:
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
-    _, val_split = tuning.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    results = tuning.evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, final=True)
-    results["selection"] = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used",
-                            "select": cfg.select}
-    results["budget"] = {**budget, "train_seconds": round(seconds, 1)}
-    results.update(info)
-    tuning.report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2}, test", cfg)
-    accelerator.end_training()
+    _, val_split = evaluate.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
+    selection = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used", "select": cfg.select}
+    tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
+                   {**budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir

@@ -1,51 +1,24 @@
-"""The machinery every fine-tuning run shares (ordinary fine-tuning in `livt.finetune`, second stages in
-`livt.stages`): the training loss, training targets and data, the selection rule, evaluation (raw, post-hoc
-adjusted, shifted test priors, SADE's transductive rows), training with the reported epoch kept, and the
-results files.
-
-Which epoch is reported (`--select`): the best val top-1 where the val split is held out (its own
-split, or one carved from train with `--data.val_from_train`), else the last epoch; the rule and the
-epoch are written into the results. The test split is evaluated once, at the end, and never chooses
-anything; where val is the test split (CIFAR, iNat18) it is not even evaluated during training.
-`--posthoc` adds post-hoc logit adjustment z - tau log pi beside the raw result (key "posthoc" of
-test_results.json, a line of test_results.md): tau is the best val top-1 over `POSTHOC_TAUS` where the
-val split is held out, else fixed at 1, and the file says which.
-"""
+"""Training a classifier, shared by fine-tuning (`livt.finetune`), the trained second stages (`livt.stages`) and
+the benchmark: the loss and the forward, training that keeps the reported epoch (`--select`), and the end of a
+run (the test split evaluated once, then `livt.report`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup
 
-from livt import aggregate, engine, tracking
 from livt import config as config_lib
-from livt.card import write_model_card
+from livt import engine
 from livt.checkpoint import arch_of, load_file_with_meta, save_model
-from livt.data import heldout_val
-from livt.data.device import OnDevice, check_finetune_aug
-from livt.data.errors import DataError
-from livt.data.loading import Augmented
 from livt.data.stats import read_class_counts
-from livt.data.transforms import eval_transform, finetune_transform
+from livt.data.transforms import TargetMaker
+from livt.evaluate import evaluate_split, posthoc_tau
 from livt.losses import LOSSES, Criterion, build_loss, signature
-from livt.metrics import (
-    POSTHOC_TAUS,
-    choose_posthoc_tau,
-    evaluate_logits,
-    format_table,
-    logit_adjust,
-    long_tailed_test_prior,
-    posthoc_adjust,
-    subsample_to_prior,
-)
-from livt.models import build_classifier
-from livt.results import write_results
+from livt.report import report
 
 
 def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
@@ -69,166 +42,6 @@ def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray, num_c
         images, target = targets(images, labels)
         return criterion(net(images), target, progress(step))
     return forward
-
-
-class TargetMaker:
-    """Mixup / CutMix (timm) with label smoothing; hard labels become soft targets.
-
-    timm's Mixup needs an even batch: with an odd one, the last sample is left unmixed (smoothed
-    one-hot target only).
-    """
-
-    def __init__(self, aug: config_lib.AugConfig, label_smoothing: float, num_classes: int) -> None:
-        self.num_classes, self.smoothing = num_classes, label_smoothing
-        self.mixup = None
-        if aug.mixup > 0 or aug.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
-                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
-
-    def smooth(self, labels: torch.Tensor) -> torch.Tensor:
-        off = self.smoothing / self.num_classes
-        return torch.full((len(labels), self.num_classes), off, device=labels.device).scatter_(
-            1, labels[:, None], 1.0 - self.smoothing + off)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mixup is None and self.smoothing == 0:
-            return images, labels  # hard labels (the CNN recipes; losses that refuse soft targets)
-        if self.mixup is None:
-            return images, self.smooth(labels)
-        even = len(images) - len(images) % 2
-        if even == 0:
-            return images, self.smooth(labels)
-        mixed, targets = self.mixup(images[:even].clone(), labels[:even])
-        if even == len(images):
-            return mixed, targets
-        return (torch.cat([mixed, images[even:]]),
-                torch.cat([targets, self.smooth(labels[even:])]))
-
-
-def check_pretrained_matches(meta: dict, dataset_name: str, counts: np.ndarray, path: str,
-                             val_from_train: float = 0.0) -> None:
-    """A pretraining file made on this same dataset must have seen the same classes (the same counts,
-    unless one of the stages carved a val split from train)."""
-    if meta.get("dataset") != dataset_name or meta.get("class_counts") is None:
-        return
-    pre = np.asarray(meta["class_counts"])
-    same_carve = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0) == val_from_train
-    if len(pre) != len(counts) or (same_carve and not np.array_equal(pre, counts)):
-        raise DataError(
-            f"{path} was pretrained on '{dataset_name}' with {len(pre)} classes "
-            f"({int(pre.sum())} images), but the fine-tuning data '{dataset_name}' has {len(counts)} classes "
-            f"({int(counts.sum())} images): the split files or --data settings differ between the stages")
-
-
-def predict_split(accelerator, model, cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of every image of `dataset` through the evaluation transform."""
-    d = cfg.data
-    data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
-    return engine.predict(accelerator, model, data, d.batch_size, d.num_workers)
-
-
-def evaluate_split(accelerator, model, cfg, dataset, counts: np.ndarray, trained_with: str,
-                   posthoc: tuple[float, str] | None = None, final: bool = False) -> dict:
-    """Metrics of `dataset`; with `posthoc` = (tau, how it was chosen), `results['posthoc']` the metrics of
-    z - tau log pi. `final` marks the one evaluation of the test split that is reported; only it adds,
-    with cfg.test_prior_imbalance, `results['shifted']` (the rows of the forward / backward long-tailed
-    test sets built from it, raw and post-hoc adjusted to their prior) and, with cfg.tta_aggregate,
-    `results['transductive']` and transductive shifted rows (livt.aggregate)."""
-    logits, labels = predict_split(accelerator, model, cfg, dataset)
-    results = evaluate_logits(logits, labels, counts, dataset.class_names)
-    if cfg.test_prior_imbalance and final:  # the val passes of training never report these rows
-        results["shifted"] = shifted_prior_rows(logits, labels, counts, cfg.test_prior_imbalance,
-                                                trained_with, cfg.seed)
-    if cfg.tta_aggregate and final:  # transductive rows beside the inductive ones (livt.aggregate)
-        results["transductive"], rows = aggregate.transductive(accelerator, model, cfg, dataset, counts,
-                                                               cfg.test_prior_imbalance)
-        for row in results.get("shifted", []):
-            row["transductive"] = "no"
-        results.get("shifted", []).extend(rows)
-    if posthoc is not None:
-        tau, chosen_on = posthoc
-        adjusted = evaluate_logits(logit_adjust(logits, counts, tau), labels, counts)
-        results["posthoc"] = {"tau": tau, "chosen_on": chosen_on,
-                              **{k: adjusted[k] for k in ("top1", "many", "medium", "few", "ece", "mce", "nll")}}
-    return results
-
-
-def posthoc_tau(accelerator, model, cfg, val, test, counts: np.ndarray) -> tuple[float, str] | None:
-    """(tau, how it was chosen) of post-hoc logit adjustment when `cfg.posthoc`: the best val top-1 over
-    `POSTHOC_TAUS` where the val split is held out, else tau = 1 (never chosen on the test split)."""
-    if not cfg.posthoc:
-        return None
-    if not heldout_val(val, test):
-        return 1.0, "fixed at 1: no held-out val split (val is the test split)"
-    logits, labels = predict_split(accelerator, model, cfg, val)
-    grid = f"{POSTHOC_TAUS[0]:g}..{POSTHOC_TAUS[-1]:g} step {POSTHOC_TAUS[1] - POSTHOC_TAUS[0]:g}"
-    return (choose_posthoc_tau(logits, labels, counts),
-            f"{val.name} ({len(val)} images): best top-1 over tau {grid}")
-
-
-def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.ndarray, imbalance: float,
-                       trained_with: str, seed: int) -> list[dict]:
-    """Test-agnostic evaluation (SADE's protocol): subsample the balanced test set to a forward or
-    backward long-tailed prior and evaluate the raw logits and the logits adjusted to that prior."""
-    rows = []
-    for direction, reverse in (("forward", False), ("backward", True)):
-        prior = long_tailed_test_prior(len(counts), imbalance, reverse=reverse)
-        idx = torch.as_tensor(subsample_to_prior(labels.numpy(), prior, seed))
-        for adjusted in (False, True):
-            z = posthoc_adjust(logits[idx], counts, prior, trained_with) if adjusted else logits[idx]
-            r = evaluate_logits(z, labels[idx], counts)
-            rows.append({"test set": f"{direction} x{imbalance:g}", "post-hoc": "yes" if adjusted else "no",
-                         **{k: r[k] for k in ("n", "top1", "many", "medium", "few", "ece")}})
-    return rows
-
-
-def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]:
-    """(rule, val split description): which epoch is reported, and what val is."""
-    if cfg.select not in config_lib.SELECTION_RULES:
-        raise config_lib.ConfigError(f"--select: expected one of {', '.join(config_lib.SELECTION_RULES)}, "
-                                     f"got '{cfg.select}'")
-    held = heldout_val(val, test)
-    what = (f"{cfg.data.val_from_train:g} of train, carved (stratified)" if cfg.data.val_from_train
-            else f"{val.name} ({len(val)} images)" if held else "none: val is the test split")
-    if cfg.select == "best_val" and not held:
-        raise config_lib.ConfigError(
-            f"--select best_val: the val split of '{cfg.data.dataset}' is its test split ({val.source}), so the "
-            f"reported epoch would be chosen on the test set; use --select last, or carve a val split from "
-            f"train with --data.val_from_train 0.1")
-    rule = "best_val" if held and cfg.select != "last" else "last"
-    if rule == "best_val" and len(val) == 0:
-        raise config_lib.ConfigError(
-            f"the val split of '{cfg.data.dataset}' ({val.name}) is empty, so no epoch can be selected on it "
-            f"(synthetic: data.test_per_class gives val a fifth of it; a carve needs classes of 2+ images); "
-            f"enlarge it or use --select last")
-    return rule, what
-
-
-def build_model(cfg: config_lib.FinetuneConfig, num_classes: int) -> torch.nn.Module:
-    m = cfg.model
-    return build_classifier(m.name, cfg.data.img_size, m.patch_size, num_classes, m.drop_path_rate, m.head,
-                            m.head_scale)
-
-
-def check_tta(cfg: config_lib.FinetuneConfig) -> None:
-    if cfg.tta_aggregate and cfg.tta_epochs < 1:
-        raise config_lib.ConfigError(f"--tta_epochs: expected >= 1 with --tta_aggregate, got {cfg.tta_epochs}")
-    if cfg.tta_aggregate and not cfg.eval_only and cfg.model.head != "sade":
-        raise config_lib.ConfigError(f"--tta_aggregate: the test-time aggregation weighs experts; it needs "
-                                     f"--model.head sade, not '{cfg.model.head}'")
-
-
-def train_data(cfg: config_lib.FinetuneConfig, train, device: torch.device):
-    """The augmented training set of `cfg`: held on the device with batched crop / flip (`data.on_device`),
-    or per-sample transforms in loader workers (crop, RandAugment, random erasing; mixup is in
-    `TargetMaker`)."""
-    d, a = cfg.data, cfg.aug
-    if d.on_device:
-        check_finetune_aug(a)
-        return OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad)
-    transform = finetune_transform(d.img_size, d.mean, d.std, a.rand_augment, a.reprob, a.color_jitter,
-                                   a.crop_scale, a.crop, a.pad)
-    return Augmented(train, transform, cfg.seed, d.skip_bad_images)
 
 
 def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, trainer: engine.Trainer,
@@ -273,48 +86,23 @@ def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, t
     state, _ = load_file_with_meta(reported_path)
     reported = export(classifier())
     reported.load_state_dict(state)
-    tau = posthoc_tau(accelerator, reported, cfg, val, test, counts)
-    results = evaluate_split(accelerator, reported, cfg, test, counts, cfg.loss.name, tau, final=True)
-    results["selection"] = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split,
-                            "select": cfg.select}
-    results["budget"] = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
-                         "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum
-                         * trainer.plan.world, "train_seconds": round(trainer.state.train_seconds, 1)}
+    selection = {"rule": rule, "epoch": trainer.state.best_epoch, "val": val_split, "select": cfg.select}
+    budget = {"epochs": cfg.optim.epochs, "steps": trainer.state.step,
+              "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum * trainer.plan.world,
+              "train_seconds": round(trainer.state.train_seconds, 1)}
+    end_run(cfg, accelerator, run_dir, reported, val, test, counts, selection, budget, info)
+
+
+def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
+            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any], info: dict[str, Any] | None,
+            posthoc: bool = True) -> None:
+    """The end of a training run (fine-tuning, every second stage): the saved, reported `model` evaluated on
+    test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
+    recorded, the results files written."""
+    tau = posthoc_tau(accelerator, model, cfg, val, test, counts) if posthoc else None
+    results = evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, tau, final=True)
+    results["selection"] = selection
+    results["budget"] = budget
     results.update(info or {})
     report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
     accelerator.end_training()
-
-
-def run_info(cfg: config_lib.FinetuneConfig, run_dir: Path) -> dict[str, Any]:
-    """What every results file records besides the metrics: the run, its method and seed, and provenance."""
-    return {"run": run_dir.name, "method": cfg.method, "loss": cfg.loss.name, "model": cfg.model.name,
-            "dataset": cfg.data.dataset, "seed": cfg.seed, "config_hash": config_lib.config_hash(cfg),
-            "provenance": engine.provenance()}
-
-
-def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str,
-           cfg: config_lib.FinetuneConfig) -> None:
-    if accelerator.is_main_process:
-        shifted = results.pop("shifted", None)
-        keys = ("selection", "budget", "posthoc", "transductive", "stage2")
-        info = {**run_info(cfg, run_dir), **{k: results.pop(k) for k in keys if k in results}}
-        write_results(run_dir, results, class_names, counts, prefix="test", info=info)
-        weights = "classifier.safetensors" if (run_dir / "classifier.safetensors").is_file() else cfg.checkpoint
-        write_model_card(run_dir, cfg, results, info, counts, weights)
-        step = info.get("budget", {}).get("steps", 0)
-        tracking.log_scalars(accelerator, results, step, prefix="test/")
-        tracking.log_figures(accelerator, {f"test/{name}": run_dir / f"test_{name}.png"
-                                           for name in ("per_class_accuracy", "reliability")}, step)
-        rows = [{"run": label, **results}]
-        if "posthoc" in info:
-            metrics = {k: v for k, v in info["posthoc"].items() if k not in ("tau", "chosen_on")}
-            rows.append({"run": f"{label}, post-hoc tau {info['posthoc']['tau']:g}", **metrics})
-        if "transductive" in info:
-            rows.append({"run": f"{label}, SADE aggregation (transductive)", **info["transductive"]})
-        accelerator.print(format_table(rows))
-        if shifted:
-            (run_dir / "test_prior_results.json").write_text(json.dumps(shifted, indent=1))
-            accelerator.print(format_table(shifted))
-        accelerator.print(f"results in {run_dir}")
-
-

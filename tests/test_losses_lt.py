@@ -13,7 +13,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from livt import config as c
-from livt import finetune, tuning
+from livt import evaluate, finetune
 from livt.losses import (
     bal_ce,
     bce,
@@ -380,9 +380,9 @@ def test_logit_adjust_and_tau_choice():
 def test_posthoc_tau_is_fixed_without_a_heldout_val():
     cfg = SimpleNamespace(posthoc=True)
     split = SimpleNamespace(source="cifar test")
-    assert tuning.posthoc_tau(None, None, cfg, split, split, COUNTS) == (
+    assert evaluate.posthoc_tau(None, None, cfg, split, split, COUNTS) == (
         1.0, "fixed at 1: no held-out val split (val is the test split)")
-    assert tuning.posthoc_tau(None, None, SimpleNamespace(posthoc=False), split, split, COUNTS) is None
+    assert evaluate.posthoc_tau(None, None, SimpleNamespace(posthoc=False), split, split, COUNTS) is None
 
 
 # ---------------------------------------------------------------------------------------------

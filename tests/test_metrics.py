@@ -13,13 +13,12 @@ from livt import figures
 from livt.metrics import (
     ece_mce,
     evaluate_logits,
-    format_table,
     long_tailed_test_prior,
     posthoc_adjust,
     reliability_bins,
     subsample_to_prior,
 )
-from livt.results import write_results
+from livt.report import format_table, write_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

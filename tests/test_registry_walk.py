@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from livt import config as c
-from livt import engine, stages, tuning
+from livt import engine, evaluate, stages, tuning
 from livt.data import build_dataset
+from livt.data.transforms import TargetMaker
 from livt.losses import LOSSES, SIGMOID, SOFTMAX
 from livt.metrics import posthoc_adjust
-from livt.models import BACKBONES, MODULES, build_classifier, outputs
+from livt.models import BACKBONES, MODULES, build_classifier, build_model, outputs
 from livt.models.heads import HEADS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,16 +65,16 @@ def test_every_loss_is_whole(name):
     assert users, f"loss '{name}' is the loss of no recipe in configs/methods/ (loss: {{name: {name}}})"
     cfg = c.parse_args("finetune", recipe_args(users[0]))
     cfg.model.name, cfg.model.patch_size = ("resnet32", 8) if cfg.model.name.startswith("res") else ("vit_micro", 8)
-    model = tuning.build_model(cfg, len(COUNTS))
+    model = build_model(cfg, len(COUNTS))
     criterion = tuning.make_criterion(cfg.loss, COUNTS)
-    make_targets = tuning.TargetMaker(cfg.aug, cfg.loss.label_smoothing, len(COUNTS))
+    make_targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, len(COUNTS))
     one_step(model, lambda out, targets: criterion(out, targets, 0.9), make_targets)  # past DRW's / IB's start
     # post-hoc adjustment to a known test prior, and the shifted-test-prior rows (--test_prior_imbalance)
     torch.manual_seed(1)
     logits, labels = torch.randn(100, 5), torch.arange(100) % 5
     shift = posthoc_adjust(logits, COUNTS, [5, 4, 3, 2, 1], name) - logits
     assert torch.allclose(shift, shift[0].expand_as(shift)) and shift[0, 0] > shift[0, 4]
-    rows = tuning.shifted_prior_rows(logits, labels, COUNTS, 5.0, name, seed=0)
+    rows = evaluate.shifted_prior_rows(logits, labels, COUNTS, 5.0, name, seed=0)
     assert [r["post-hoc"] for r in rows] == ["no", "yes", "no", "yes"]
 
 

@@ -159,7 +159,7 @@ def test_pretrain_reads_an_imagenet_lt_split_file_over_an_image_tree(tmp_path):
 @pytest.mark.parametrize("batch", [1, 4, 5])
 def test_mixup_targets_with_odd_and_even_batches(batch):
     from livt.config import AugConfig
-    from livt.tuning import TargetMaker
+    from livt.data.transforms import TargetMaker
 
     torch.manual_seed(0)
     np.random.seed(0)

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from livt.data.device import OnDevice, check_finetune_aug
 from livt.data.errors import ImageReadError
 from livt.data.splits import LTDataset
-from livt.data.transforms import TrainTransform, check_pipeline
+from livt.data.transforms import TrainTransform, check_pipeline, finetune_transform
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> tuple[int, np.ndarray, int]:
@@ -121,3 +122,16 @@ def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_siz
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=False,
         persistent_workers=num_workers > 0, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(0),
         prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+
+def train_data(cfg, train, device: torch.device):
+    """The augmented training set of `cfg`: held on the device with batched crop / flip (`data.on_device`),
+    or per-sample transforms in loader workers (crop, RandAugment, random erasing; mixup is in
+    `TargetMaker`). `cfg`: a FinetuneConfig."""
+    d, a = cfg.data, cfg.aug
+    if d.on_device:
+        check_finetune_aug(a)
+        return OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad)
+    transform = finetune_transform(d.img_size, d.mean, d.std, a.rand_augment, a.reprob, a.color_jitter,
+                                   a.crop_scale, a.crop, a.pad)
+    return Augmented(train, transform, cfg.seed, d.skip_bad_images)

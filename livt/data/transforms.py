@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from timm.data import create_transform
+from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from livt.config import ConfigError
+from livt.config import AugConfig, ConfigError
 from livt.data.splits import EncodedImage, decode_rgb
 
 CROPS = ("rrc", "pad")
@@ -269,3 +269,37 @@ def finish_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[floa
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = torch.where(images[:, 3:] > 0, noise, x)
     return x
+
+
+class TargetMaker:
+    """Mixup / CutMix (timm) with label smoothing; hard labels become soft targets.
+
+    timm's Mixup needs an even batch: with an odd one, the last sample is left unmixed (smoothed
+    one-hot target only).
+    """
+
+    def __init__(self, aug: AugConfig, label_smoothing: float, num_classes: int) -> None:
+        self.num_classes, self.smoothing = num_classes, label_smoothing
+        self.mixup = None
+        if aug.mixup > 0 or aug.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
+                               mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def smooth(self, labels: torch.Tensor) -> torch.Tensor:
+        off = self.smoothing / self.num_classes
+        return torch.full((len(labels), self.num_classes), off, device=labels.device).scatter_(
+            1, labels[:, None], 1.0 - self.smoothing + off)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is None and self.smoothing == 0:
+            return images, labels  # hard labels (the CNN recipes; losses that refuse soft targets)
+        if self.mixup is None:
+            return images, self.smooth(labels)
+        even = len(images) - len(images) % 2
+        if even == 0:
+            return images, self.smooth(labels)
+        mixed, targets = self.mixup(images[:even].clone(), labels[:even])
+        if even == len(images):
+            return mixed, targets
+        return (torch.cat([mixed, images[even:]]),
+                torch.cat([targets, self.smooth(labels[even:])]))

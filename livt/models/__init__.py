@@ -81,6 +81,13 @@ def build_classifier(name: str, img_size: int, patch_size: int, num_classes: int
     return model
 
 
+def build_model(cfg, num_classes: int) -> nn.Module:
+    """The classifier of a fine-tuning config (`cfg.model`, `cfg.data.img_size`)."""
+    m = cfg.model
+    return build_classifier(m.name, cfg.data.img_size, m.patch_size, num_classes, m.drop_path_rate, m.head,
+                            m.head_scale)
+
+
 def outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """The model-output dict of `images`: logits, features and the head's extras (module docstring)."""
     if hasattr(model, "forward_outputs"):
