@@ -7,6 +7,7 @@ loss and, with --monitor.every N, the kNN probe accuracy of the encoder against 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from livt import config as config_lib
 from livt import engine, probe, tracking
 from livt.checkpoint import arch_of, save_model
-from livt.data import build_dataset, resolve_normalization
+from livt.data import build_dataset, heldout_val, resolve_normalization
 from livt.data.device import OnDevice
 from livt.data.loading import Augmented
 from livt.data.stats import class_counts, describe
@@ -51,6 +52,8 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     d = cfg.data
     train = build_dataset(d, "train")
     val = build_dataset(d, "val") if cfg.monitor.every else None
+    # what the monitor scores: the held-out val split, or the test split where the data has none (CIFAR-LT)
+    scored = "val" if val is None or heldout_val(val, build_dataset(d, "test")) else "test split: no held-out val"
     counts = class_counts(train.targets, train.num_classes)
     accelerator.print(describe(counts, train.name))
 
@@ -75,9 +78,10 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
         last = epoch + 1 == cfg.optim.epochs
         row = {}
         if cfg.monitor.every and ((epoch + 1) % cfg.monitor.every == 0 or last):
+            start = time.perf_counter()
             row = probe.monitor(accelerator, trainer.unwrapped.encoder, train, val, counts, cfg)
-            accelerator.print(f"epoch {epoch + 1}: kNN top-1 (val) cls {row['knn_cls_top1']:.2f}, "
-                              f"mean {row['knn_mean_top1']:.2f}")
+            accelerator.print(f"epoch {epoch + 1}: kNN top-1 ({scored}) cls {row['knn_cls_top1']:.2f}, "
+                              f"mean {row['knn_mean_top1']:.2f} ({time.perf_counter() - start:.1f} s)")
         if accelerator.is_main_process and ((epoch + 1) % cfg.figure_every == 0 or last):
             figure = run_dir / f"reconstruction_epoch{epoch + 1:04d}.png"
             reconstruction_figure(trainer.unwrapped, figure_images.to(accelerator.device), d.mean, d.std, figure)

@@ -79,3 +79,12 @@ def test_probe_reads_encoder_and_classifier_files(one_thread, tmp_path):
     assert [r["feature"] for r in results["rows"]] == ["cls", "mean"]
     with pytest.raises(config.ConfigError, match="neither 'random' nor"):
         load_vit(str(tmp_path / "missing.safetensors"), cfg)
+
+
+@pytest.mark.parametrize("preset, every", [("tiny", 1), ("demo", 10), ("cifar10_lt_cpu", 5), ("cifar10_lt", 0),
+                                           ("cifar10_lt_gpu", 0), ("cifar100_lt", 0), ("imagenet_lt", 0),
+                                           ("places_lt", 0), ("inat18", 0)])
+def test_monitor_is_on_for_the_small_presets_only(preset, every):
+    """The kNN monitor runs a few times per run on the CPU-sized presets (issue 22) and stays off on the large ones,
+    where a probe of 10,000 train images every few epochs is not free."""
+    assert config.parse_args("pretrain", ["--data", preset]).monitor.every == every
