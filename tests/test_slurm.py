@@ -1,13 +1,16 @@
 """`livt compare --launcher slurm` on a real single-node SLURM (tests/slurm_local.sh starts it: slurm-wlm + munge,
 installed with apt-get when missing). Where it cannot start (not root, no package) these tests are skipped with
-the reason; under CI (env CI or LIVT_REQUIRE_SLURM set) they fail instead. They share one xdist worker
-(`--dist loadgroup`), so the daemons are started once and stopped after the last of them."""
+the reason; under CI (env CI or LIVT_REQUIRE_SLURM set) they fail instead. The xdist workers share one SLURM:
+the first to need it starts it, the last to finish stops it."""
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +19,6 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.xdist_group("slurm")
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("LIVT_REQUIRE_SLURM"))
 SCRIPT = REPO / "tests" / "slurm_local.sh"
 
@@ -25,17 +27,39 @@ def unavailable(reason):
     (pytest.fail if REQUIRED else pytest.skip)(f"local SLURM unavailable: {reason}")
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
+def locked(path):
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield f
+
+
+@pytest.fixture(scope="session")
 def slurm():
+    """The local SLURM, shared by the xdist workers of one test run: the first user starts it, the last stops it."""
     try:
         import submitit  # noqa: F401
     except ImportError:
         unavailable("submitit is not installed (pip install -e '.[cluster]')")
-    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        unavailable((proc.stderr or proc.stdout).strip()[-500:])
+    users = Path(tempfile.gettempdir()) / f"livt-slurm-users-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"
+    with locked(users) as f:
+        f.seek(0)
+        n = int(f.read() or 0)
+        if n == 0:
+            proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+            if proc.returncode:
+                unavailable((proc.stderr or proc.stdout).strip()[-500:])
+        f.truncate(0)
+        f.write(str(n + 1))
     yield
-    subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
+    with locked(users) as f:
+        f.seek(0)
+        n = int(f.read()) - 1
+        f.truncate(0)
+        f.write(str(n))
+        if n == 0:
+            subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+            users.unlink()
 
 
 def compare(out, *args, shared=()):
