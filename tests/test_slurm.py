@@ -133,8 +133,11 @@ def test_usr1_requeues_and_resumes_to_the_uninterrupted_weights(tmp_path, slurm)
     while not requeued() and time.time() < deadline:
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    while "JobState=COMPLETED" not in subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                                                     text=True).stdout and time.time() < deadline:
+        time.sleep(0.5)  # the same SLURM job runs again and resumes (following a queued job: the chain test)
     again = compare(tmp_path / "slurm", *args, "--launcher", "slurm", "--wait", shared=shared)
-    assert again.returncode == 0 and "submitted before" in again.stdout, again.stdout[-3000:]
+    assert again.returncode == 0 and "submitted" not in again.stdout, again.stdout[-3000:]
     log = (tmp_path / "slurm" / "compare-tiny" / "logs" / f"{run_dir.name}.log").read_text()
     assert "SIGUSR1: saved the training state" in log and log.count(f"# SLURM job {job_id}") == 2, \
         again.stdout[-2000:] + log[-2000:]  # requeued: started twice
