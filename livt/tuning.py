@@ -105,4 +105,7 @@ def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: t
     results["budget"] = budget
     results.update(info or {})
     report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
+    # every rank done before the process group is destroyed: a rank that left while rank 0 still wrote
+    # its results has aborted in gloo's teardown (SIGABRT after "Results in ...")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
