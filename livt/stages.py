@@ -394,7 +394,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     seconds = time.perf_counter() - t0
     set_head(model, fitted.head.to(accelerator.device))
     log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    if accelerator.is_main_process:  # recomputed whole (no training state): replace an earlier attempt's rows
+    if accelerator.is_main_process:  # the whole run's rows (a resumed afg's include the restored epochs)
         log.path.unlink(missing_ok=True)
     for row in fitted.rows:
         log.write(**row)
