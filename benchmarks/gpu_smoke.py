@@ -104,7 +104,7 @@ def check_nonfinite(work: Path, log: Path) -> str:
     device, and the next good step changes them."""
     from livt import config, engine
     from livt.data import build_dataset
-    from livt.data.loading import Augmented
+    from livt.data.loading import Augmented, TrainData
     from livt.data.transforms import eval_transform
     from livt.models.vit import create_vit
 
@@ -125,13 +125,13 @@ def check_nonfinite(work: Path, log: Path) -> str:
             state.update({f"opt{i}.{k}": v.detach().clone() for k, v in s.items() if torch.is_tensor(v)})
         return state
 
-    def forward(m, images, labels, indices, step):
-        if step in (bad, bad + 1, bad + 2):
-            snapshots[step] = snapshot()  # before this step's update (the previous one is queued before it)
-        loss = torch.nn.functional.cross_entropy(m(images), labels)
-        return loss * math.nan if step == bad else loss
+    def forward(m, batch, progress):
+        if batch.step in (bad, bad + 1, bad + 2):
+            snapshots[batch.step] = snapshot()  # before this step's update (the previous one is queued before it)
+        loss = torch.nn.functional.cross_entropy(m(batch.images), batch.labels)
+        return loss * math.nan if batch.step == bad else loss
 
-    data = Augmented(train, eval_transform(32, cfg.data.mean, cfg.data.std), cfg.seed)
+    data = TrainData(Augmented(train, eval_transform(32, cfg.data.mean, cfg.data.std), cfg.seed))
     holder["t"] = trainer = engine.Trainer(cfg, "finetune", acc, run_dir, model, data, train.targets, 5, forward)
     assert trainer.plan.total_steps >= bad + 3, trainer.plan.total_steps
     trainer.fit()

@@ -24,14 +24,17 @@
    the held-out val split after each epoch: up by decoupled.beta_step when it rose over the previous evaluation
    (the first one: the stage-1 head's), down by decoupled.beta_step when it fell, unchanged when equal, kept in
    [0, 1] (the paper gives the direction, not a rule). Val must be held out (never the reported test split).
-The reported head is the last epoch's. Randomness: one generator seeded from the run seed; the training is
-seconds on cached features, so there is no mid-run resume (a killed run is re-run).
+The reported head is the last epoch's. Randomness: one generator seeded from the run seed. The learning rate
+and progress t are `engine.Plan`'s; the loop's state is saved after every epoch, and `--resume auto` continues
+from the last one (the features are recomputed: the same, through the evaluation transform).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ from livt import config as config_lib
 from livt import engine
 from livt.losses import gbl_alpha  # the Gradual Balanced Loss schedule s (c^t - 1), GLAG Eq. 3
 from livt.metrics import class_accuracy
-from livt.optim import build_optimizer, lr_at, set_lr
+from livt.optim import build_optimizer, set_lr
 
 
 def tukey(x: Tensor, lam: float) -> Tensor:
@@ -161,11 +164,13 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tens
 
 def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
               cfg: config_lib.FinetuneConfig, *, tukey_lambda: float, support: int, gamma: float, beta: float,
-              beta_step: float, head_min_count: int, kd_temperature: float, gbl_s: float,
-              gbl_c: float) -> tuple[nn.Linear, list[dict], Tensor]:
-    """Train `head` (a copy of the stage-1 head) on real + generated features; returns it, a row per
-    epoch and the final betas. The options are those of the `afg` second stage (livt.stages.afg; its
-    `tukey` is `tukey_lambda` here)."""
+              beta_step: float, head_min_count: int, kd_temperature: float, gbl_s: float, gbl_c: float,
+              start: dict[str, Any] | None = None,
+              save: Callable[[int, dict[str, Any]], None] | None = None) -> engine.Fitted:
+    """Train `head` (a copy of the stage-1 head) on real + generated features, its learning rate and progress
+    those of `engine.Plan` (one optimizer step per batch of `optim.batch_size` features). The options are
+    those of the `afg` second stage (livt.stages.afg; its `tukey` is `tukey_lambda` here). `save(step, state)`
+    is called after every epoch; `start`, such a state, continues from it (exactly)."""
     num_classes = head.out_features
     if not 0 < tukey_lambda <= 1 or support < 1:
         raise config_lib.ConfigError(
@@ -182,38 +187,49 @@ def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, 
     betas = tail.double() * beta
     gen = torch.Generator().manual_seed(engine.derive_seed(cfg.seed, 12))
     optimizer = build_optimizer(head, cfg.optim, 0.0)
-    lr = cfg.optim.lr if cfg.optim.lr > 0 else cfg.optim.blr * cfg.optim.batch_size / 256
+    n_fake = int((counts.max() - counts).sum())
+    plan = engine.Plan.make(cfg.optim, cfg.optim.batch_size, 1,
+                            math.ceil((len(train_y) + n_fake) / cfg.optim.batch_size))
     with torch.no_grad():
         previous = per_class_accuracy(head(val_x), val_y, num_classes)
-    rows, step = [], 0
-    n_fake = int((counts.max() - counts).sum())
-    steps_per_epoch = math.ceil((len(train_y) + n_fake) / cfg.optim.batch_size)
-    total = cfg.optim.epochs * steps_per_epoch
-    for epoch in range(cfg.optim.epochs):
+    rows: list[dict[str, Any]] = []
+    first = 0
+    if start is not None:
+        head.load_state_dict(start["head"])
+        optimizer.load_state_dict(start["optimizer"])
+        gen.set_state(start["generator"])
+        betas, previous, rows, first = start["betas"], start["previous"], start["rows"], start["epoch"]
+    step = first * plan.steps_per_epoch
+    for epoch in range(first, cfg.optim.epochs):
         t0 = time.perf_counter()
         fake_t, fake_y = generate(xt, train_y, means, roots, counts, tail, betas, support, gamma, gen)
         x = torch.cat([train_x, tukey_inverse(fake_t.double(), tukey_lambda).float()])
         y = torch.cat([train_y, fake_y])
         order = torch.randperm(len(y), generator=gen)
         losses = []
-        for i in range(0, len(y), cfg.optim.batch_size):
-            idx = order[i:i + cfg.optim.batch_size]
-            set_lr(optimizer, lr_at(step, total, round(cfg.optim.warmup_epochs * steps_per_epoch), lr,
-                                    cfg.optim.min_lr, cfg.optim.schedule))
-            alpha = gbl_alpha(step / total, gbl_s, gbl_c)
+        for i in range(0, len(y), plan.micro_batch):
+            idx = order[i:i + plan.micro_batch]
+            set_lr(optimizer, plan.lr_at(step, cfg.optim))
+            alpha = gbl_alpha(plan.progress(step), gbl_s, gbl_c)
             loss = afg_loss(head(x[idx]), teacher(x[idx]), y[idx], is_head, alpha, kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             step += 1
         with torch.no_grad():
             acc = per_class_accuracy(head(val_x), val_y, num_classes)
         betas = update_beta(betas, acc, previous, tail, beta_step)
         previous = acc
         present = torch.bincount(val_y, minlength=num_classes) > 0
-        rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "generated": len(fake_y),
-                     "val_mean_class_acc": float(acc[present].mean() * 100),
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean([v.item() for v in losses])),
+                     "generated": len(fake_y), "val_mean_class_acc": float(acc[present].mean() * 100),
                      "tail_beta_mean": float(betas[tail].mean()) if tail.any() else None,
                      "seconds": round(time.perf_counter() - t0, 2)})
-    return head, rows, betas
+        if save is not None:
+            save(step, {"epoch": epoch + 1, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": gen.get_state(), "betas": betas, "previous": previous, "rows": rows})
+    selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
+                 "tail_beta": [round(b, 4) for b in betas.tolist()]}
+    return engine.Fitted(head, selection, rows, {"epochs": cfg.optim.epochs, "steps": step,
+                                                 "images_seen": len(train_x) + len(val_x)})

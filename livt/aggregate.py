@@ -25,6 +25,7 @@ from livt import engine
 from livt.data.loading import Augmented
 from livt.data.transforms import eval_transform, finetune_transform
 from livt.metrics import evaluate_logits, long_tailed_test_prior, subsample_to_prior
+from livt.models import Adapter
 from livt.models.sade import SADEClassifier
 
 ROW_KEYS = ("n", "top1", "many", "medium", "few", "ece")
@@ -67,21 +68,15 @@ def combine(expert_logits: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("e,nec->nc", weights.to(expert_logits), expert_logits)
 
 
-class _ExpertLogits(nn.Module):
-    """(B, E, C) expert logits of a multi-expert model, for `engine.predict`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_outputs(x)["expert_logits"].transpose(0, 1)
+def expert_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, E, C) expert logits of a multi-expert model, for `engine.predict` (through `livt.models.Adapter`)."""
+    return model.forward_outputs(x)["expert_logits"].transpose(0, 1)
 
 
 def multi_expert(accelerator, model: nn.Module) -> SADEClassifier:
-    """The multi-expert model inside `model` (Accelerate's wrappers, livt.models.WithOutputs)."""
+    """The multi-expert model inside `model` (Accelerate's wrappers, livt.models.Adapter)."""
     inner = accelerator.unwrap_model(model)
-    inner = getattr(inner, "model", inner)  # WithOutputs
+    inner = getattr(inner, "model", inner)  # Adapter
     if not isinstance(inner, SADEClassifier):
         raise ValueError(f"--tta_aggregate needs a multi-expert model (--model.head sade); this one is a "
                          f"{type(inner).__name__}")
@@ -93,7 +88,7 @@ def transductive(accelerator, model: nn.Module, cfg, dataset, counts: np.ndarray
     """(metrics of the balanced `dataset` with weights learned on its unlabelled images, the rows of the
     forward / backward long-tailed subsets of `shifted_imbalance`, each with weights learned on itself)."""
     d = cfg.data
-    net = _ExpertLogits(multi_expert(accelerator, model))
+    net = Adapter(multi_expert(accelerator, model), expert_logits)
 
     def logits_of(transform, seed: int) -> tuple[Tensor, Tensor]:
         data = Augmented(dataset, transform, seed, d.skip_bad_images)

@@ -40,12 +40,12 @@ from livt import config as config_lib
 from livt import engine
 from livt.data import build_dataset
 from livt.data.device import OnDevice
-from livt.data.loading import Augmented, make_loader
+from livt.data.loading import Augmented, FinishUint8, TrainData, make_loader
 from livt.data.samplers import TrainSampler
 from livt.data.transforms import PRETRAIN_SCALE, finetune_transform, finish_batch, pretrain_transform
-from livt.models import WithOutputs, build_classifier
+from livt.models import Adapter, build_classifier
 from livt.models.mae import create_mae
-from livt.pretrain import mask_noise
+from livt.pretrain import mae_forward
 from livt.tuning import classifier_forward
 
 STAGES = ("pretrain", "finetune")
@@ -88,21 +88,17 @@ def build_net(stage: str, cfg: Any) -> torch.nn.Module:
     if stage == "pretrain":
         return create_mae(cfg.model, cfg.mae, cfg.data.img_size)
     m = cfg.model
-    return WithOutputs(build_classifier(m.name, cfg.data.img_size, m.patch_size, cfg.data.num_classes,
+    return Adapter(build_classifier(m.name, cfg.data.img_size, m.patch_size, cfg.data.num_classes,
                                         m.drop_path_rate, m.head, m.head_scale))
 
 
-def stage_forward(stage: str, cfg: Any) -> Callable[..., torch.Tensor]:
-    """`forward(model, images, labels, indices, step) -> loss` as the stage's `run` defines it."""
+def stage_forward(stage: str, cfg: Any) -> Callable[[torch.nn.Module, engine.Batch, float], torch.Tensor]:
+    """`forward(model, batch, progress) -> loss`: the stage's own (`livt.pretrain`, `livt.tuning`)."""
     if stage == "pretrain":
-        num_patches = (cfg.data.img_size // cfg.model.patch_size) ** 2
-
-        def forward(mae, images, labels, indices, step):
-            return mae(images, noise=mask_noise(cfg.seed, step, indices, num_patches).to(images.device))[0]
-        return forward
+        return mae_forward(cfg)
     counts = np.full(cfg.data.num_classes, 2 * cfg.data.batch_size // cfg.data.num_classes)
     counts = np.maximum(1, counts // np.arange(1, len(counts) + 1))  # a long-tailed prior for the loss
-    return classifier_forward(cfg, counts, cfg.data.num_classes, lambda step: 0.5)
+    return classifier_forward(cfg, counts, cfg.data.num_classes)
 
 
 def flops_per_image(stage: str, cfg: Any, device: torch.device) -> float:
@@ -111,7 +107,7 @@ def flops_per_image(stage: str, cfg: Any, device: torch.device) -> float:
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size, device=device)
     y = torch.randint(0, cfg.data.num_classes, (2,), device=device)
     with FlopCounterMode(display=False) as counter:
-        forward(net, x, y, torch.arange(2), 0).backward()
+        forward(net, engine.Batch(x, y, torch.arange(2), 0), 0.5).backward()
     return counter.get_total_flops() / 2
 
 
@@ -133,7 +129,7 @@ class ReferenceStep:
         if images.dtype == torch.uint8:  # the `jpeg fast` input
             images = finish_batch(images, self.mean, self.std, self.step)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
-            loss = self.forward(self.net, images, labels, indices, self.step)
+            loss = self.forward(self.net, engine.Batch(images, labels, indices, self.step), 0.5)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -147,9 +143,11 @@ def livt_step(stage: str, cfg: Any, accelerator: Any, run_dir: Path, compile_mod
     cfg.compile = compile_model
     run_dir.mkdir(parents=True, exist_ok=True)
     net = build_net(stage, cfg)
-    optimize = net.model if isinstance(net, WithOutputs) else None
+    optimize = net.model if isinstance(net, Adapter) else None
     targets = np.arange(2 * cfg.data.batch_size) % cfg.data.num_classes
-    return engine.Trainer(cfg, stage, accelerator, run_dir, net, None, targets, cfg.data.num_classes,
+    # batches come from `input_paths`; the `jpeg fast` ones are uint8, finished as data.uint8_batches does
+    data = TrainData(None, FinishUint8(cfg.data.mean, cfg.data.std, cfg.seed))
+    return engine.Trainer(cfg, stage, accelerator, run_dir, net, data, targets, cfg.data.num_classes,
                           stage_forward(stage, cfg), optimize=optimize)
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,14 +40,13 @@ from tqdm import tqdm
 
 from livt import config as config_lib
 from livt import tracking
-from livt.data.loading import Augmented, make_loader
+from livt.data.loading import Augmented, TrainData, derive_seed, make_loader
 from livt.data.samplers import EvalSampler, TrainSampler
-from livt.data.transforms import finish_batch
 from livt.models import compile_blocks
 from livt.optim import build_optimizer, lr_at, set_lr
 
 STATE_DIR = "state"
-ERASE_STREAM = 0xE2A5E  # keeps the erasing noise's seeds apart from seed_step's
+LOOP_STATE = "loop_state.pt"
 
 
 class RunDirError(RuntimeError):
@@ -174,11 +173,6 @@ def run_meta(cfg: Any, train: Any, counts: Any, **extra: Any) -> dict[str, Any]:
                 class_names=train.class_names, **extra)
 
 
-def derive_seed(*key: int) -> int:
-    """A 32-bit seed that is a function of `key` alone (a hash through numpy's SeedSequence)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-
-
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed every global RNG from (seed, step, rank): drop path, masking and mixup become functions
     of the step, independent of what ran before (the key to exact resume)."""
@@ -241,6 +235,31 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
     return final
 
 
+def save_loop_state(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """The state of a loop outside the Trainer (`livt.afg`) as `LOOP_STATE` in a training-state folder,
+    written to a temporary folder and renamed into place once complete (main process only)."""
+    final = run_dir / STATE_DIR / f"step_{step:09d}"
+    tmp = run_dir / STATE_DIR / f".tmp_step_{step:09d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / LOOP_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in state_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_loop_state(resume: str, run_dir: Path) -> dict[str, Any] | None:
+    """The loop state `--resume` names (`auto`: the run directory's latest), or None."""
+    path = resolve_resume(resume, run_dir)
+    if path is None:
+        return None
+    if not (path / LOOP_STATE).is_file():
+        raise RunDirError(f"--resume: {path} holds no {LOOP_STATE}")
+    return torch.load(path / LOOP_STATE, weights_only=True)
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if not resume:
         return None
@@ -297,24 +316,41 @@ class Plan:
         return step / self.total_steps
 
 
+class Batch(NamedTuple):
+    """One micro-batch as the stage's forward sees it."""
+
+    images: torch.Tensor  # (B, 3, H, W) float, on the device
+    labels: torch.Tensor  # (B,) on the device
+    indices: torch.Tensor  # (B,) dataset indices (CPU), for randomness independent of the process count
+    step: int  # the optimizer step it belongs to
+
+
+@dataclass
+class Fitted:
+    """What a second stage computed from features returns (`livt.stages`, `livt.afg`)."""
+
+    head: torch.nn.Module
+    selection: dict[str, Any]  # how the head was chosen (the results' `selection`)
+    rows: list[dict[str, Any]]  # the rows of metrics.jsonl
+    budget: dict[str, Any]  # epochs, steps, images_seen
+
+
 class Trainer:
     """Runs optimizer steps over a dataset.
 
-    The stage supplies `forward(model, images, labels, indices, step) -> loss`; `indices` are the
-    dataset indices of the micro-batch (CPU), for randomness that must not depend on the process count.
-    `optimize` is the module whose trainable parameters the optimizer steps (default: `model`).
-    A `train_set` that is an `Augmented` runs its transform as data.pipeline / data.uint8_batches ask
-    (`Augmented.with_pipeline`); uint8 batches are normalised (and erased) here, on the device.
-    Building it writes the resolved config, with the derived lr and step arithmetic, to the run directory.
+    The stage supplies `forward(model, batch, progress) -> loss`, `batch` an `engine.Batch` and `progress`
+    the training progress in [0, 1) (`Plan.progress`). `data` is the training set with its batch finisher
+    (`livt.data.loading.train_data`). `optimize` is the module whose trainable parameters the optimizer
+    steps (default: `model`). Building it writes the resolved config, with the derived lr and step
+    arithmetic, to the run directory.
     """
 
     def __init__(self, cfg: Any, stage: str, accelerator: Accelerator, run_dir: Path, model: torch.nn.Module,
-                 train_set: Augmented, targets: np.ndarray, num_classes: int,
-                 forward: Callable[..., torch.Tensor], optimize: torch.nn.Module | None = None) -> None:
+                 data: TrainData, targets: np.ndarray, num_classes: int,
+                 forward: Callable[[torch.nn.Module, Batch, float], torch.Tensor],
+                 optimize: torch.nn.Module | None = None) -> None:
         self.cfg, self.stage, self.acc, self.run_dir = cfg, stage, accelerator, run_dir
-        if isinstance(train_set, Augmented):
-            train_set = train_set.with_pipeline(cfg.data.pipeline, cfg.data.uint8_batches)
-        self.train_set, self.forward = train_set, forward
+        self.train_set, self.finish, self.forward = data.dataset, data.finish, forward
         self.sampler = TrainSampler(
             targets, num_classes, cfg.data.sampler, cfg.seed, cfg.data.batch_size,
             num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -325,7 +361,7 @@ class Trainer:
         if any(p.dim() == 4 for n, p in model.named_parameters() if "patch_embed" not in n):
             model.to(memory_format=torch.channels_last)  # CNNs: NHWC convolutions (ViTs: only the patch conv)
         # the optimizer's parameter groups come from `optimize` (default: the model itself), so a wrapper
-        # such as livt.models.WithOutputs keeps the inner model's layer-decay / no-decay grouping
+        # such as livt.models.Adapter keeps the inner model's layer-decay / no-decay grouping
         optimizer = build_optimizer(optimize if optimize is not None else model, cfg.optim, self.plan.lr)
         if cfg.compile:
             compile_blocks(model)  # regional, in place: state-dict keys stay free of `_orig_mod.`
@@ -430,15 +466,13 @@ class Trainer:
         for micro in range(plan.accum):
             images, labels, indices, n_skipped = next(batches)
             self.skipped_images += n_skipped
-            images = images.to(acc.device, non_blocking=True)
+            images = self.finish(images.to(acc.device, non_blocking=True), state.step, acc.process_index, micro)
             labels = labels.to(acc.device, non_blocking=True)
-            if images.dtype == torch.uint8:  # data.uint8_batches: the end of the transform, batched here
-                images = finish_batch(images, cfg.data.mean, cfg.data.std,
-                                      derive_seed(cfg.seed, state.step, acc.process_index, micro, ERASE_STREAM))
             sync = micro == plan.accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
                 if len(images):
-                    loss = self.forward(self.model, images, labels, indices, state.step)
+                    loss = self.forward(self.model, Batch(images, labels, indices, state.step),
+                                        plan.progress(state.step))
                 else:  # every image of the micro-batch was unreadable (skip_bad_images): a zero
                     # gradient keeps the processes' gradient exchanges in step
                     loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
@@ -522,7 +556,7 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, dataset: Augmented
             continue
         with accelerator.autocast():
             out = model(images.to(accelerator.device, non_blocking=True))
-        out = out["logits"] if isinstance(out, dict) else out  # livt.models.WithOutputs
+        out = out["logits"] if isinstance(out, dict) else out  # livt.models.Adapter of `outputs`
         logits.append(out.float())
         labels.append(y.to(accelerator.device))
         indices.append(idx.to(accelerator.device))

@@ -20,12 +20,11 @@ from livt.checkpoint import check_pretrained_matches, load_classifier, load_enco
 from livt.data import build_dataset, resolve_normalization, train_class_counts
 from livt.data.loading import train_data
 from livt.data.stats import class_counts, describe
-from livt.evaluate import check_tta, evaluate_split, posthoc_tau, selection_rule
+from livt.evaluate import check_tta, selection_rule
 from livt.export import pretrained_cfg
-from livt.models import WithOutputs, build_classifier, build_model, is_cnn
+from livt.models import Adapter, build_classifier, build_model, is_cnn
 from livt.models.sade import SADEClassifier
-from livt.report import report
-from livt.tuning import classifier_forward, fit_and_report
+from livt.tuning import classifier_forward, end_run, fit_and_report
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:
@@ -60,10 +59,9 @@ def run(cfg: config_lib.FinetuneConfig) -> Path:
         _, meta = load_file_with_meta(cfg.pretrained)
         check_pretrained_matches(meta, d.dataset, counts, cfg.pretrained, d.val_from_train)
         load_pretrained(model, cfg.pretrained)
-    forward = classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, WithOutputs(model),
-                             train_data(cfg, train, accelerator.device), train.targets, train.num_classes, forward,
-                             optimize=model)
+    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, Adapter(model),
+                             train_data(cfg, "finetune", train, accelerator.device), train.targets, train.num_classes,
+                             classifier_forward(cfg, counts, train.num_classes), optimize=model)
     meta = engine.run_meta(cfg, train, counts,
                            pretrained_cfg=pretrained_cfg(model, d.img_size, d.mean, d.std, d.eval_crop))
     fit_and_report(cfg, accelerator, run_dir, trainer, lambda: trainer.unwrapped.model, rule, val_split, val, test,
@@ -98,11 +96,10 @@ def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
     model = accelerator.prepare(model)
     test = build_dataset(cfg.data, "test")
     trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
-    tau = posthoc_tau(accelerator, model, cfg, build_dataset(cfg.data, "val"), test, counts) if cfg.posthoc else None
-    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with, tau, final=True)
-    results["selection"] = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used",
-                            "select": "n/a"}
-    report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name, cfg)
+    val = build_dataset(cfg.data, "val") if cfg.posthoc else None  # for post-hoc tau only
+    selection = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used", "select": "n/a"}
+    end_run(cfg, accelerator, run_dir, model, val, test, counts, selection, None, None, trained_with=trained_with,
+            label=Path(cfg.checkpoint).name)
     return run_dir
 
 

@@ -8,6 +8,7 @@ loss and, with --monitor.every N, the kNN probe accuracy of the encoder against 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,10 +17,9 @@ from livt import config as config_lib
 from livt import engine, probe, tracking
 from livt.checkpoint import arch_of, save_model
 from livt.data import build_dataset, heldout_val, resolve_normalization
-from livt.data.device import OnDevice
-from livt.data.loading import Augmented
+from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
-from livt.data.transforms import PRETRAIN_SCALE, denormalize, eval_transform, pretrain_transform
+from livt.data.transforms import denormalize, eval_transform
 from livt.figures import plot_reconstructions, plot_training_curves
 from livt.models.mae import MAE, create_mae
 
@@ -34,6 +34,16 @@ def mask_noise(seed: int, step: int, indices: torch.Tensor, num_patches: int) ->
         g = torch.Generator().manual_seed(engine.derive_seed(seed, step, i))
         rows.append(torch.rand(num_patches, generator=g))
     return torch.stack(rows)
+
+
+def mae_forward(cfg: config_lib.PretrainConfig) -> Callable[[MAE, engine.Batch, float], torch.Tensor]:
+    """`forward(mae, batch, progress) -> loss` of pretraining: the MAE loss under the masks of `mask_noise`."""
+    num_patches = (cfg.data.img_size // cfg.model.patch_size) ** 2
+
+    def forward(mae: MAE, batch: engine.Batch, progress: float) -> torch.Tensor:
+        noise = mask_noise(cfg.seed, batch.step, batch.indices, num_patches).to(batch.images.device, non_blocking=True)
+        return mae(batch.images, noise=noise)[0]
+    return forward
 
 
 def reconstruction_figure(mae: MAE, images: torch.Tensor, mean: tuple, std: tuple, path: Path) -> None:
@@ -58,17 +68,9 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
     accelerator.print(describe(counts, train.name))
 
     model = create_mae(cfg.model, cfg.mae, d.img_size)
-    num_patches = (d.img_size // cfg.model.patch_size) ** 2
-
-    def forward(mae: MAE, images: torch.Tensor, labels, indices: torch.Tensor, step: int) -> torch.Tensor:
-        noise = mask_noise(cfg.seed, step, indices, num_patches).to(images.device, non_blocking=True)
-        return mae(images, noise=noise)[0]
-
-    data = (OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, accelerator.device, "rrc", PRETRAIN_SCALE)
-            if d.on_device else
-            Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images))
-    trainer = engine.Trainer(cfg, "pretrain", accelerator, run_dir, model, data, train.targets, train.num_classes,
-                             forward)
+    trainer = engine.Trainer(cfg, "pretrain", accelerator, run_dir, model,
+                             train_data(cfg, "pretrain", train, accelerator.device), train.targets, train.num_classes,
+                             mae_forward(cfg))
 
     fixed = Augmented(train, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed)
     step = max(1, len(train) // NUM_FIGURE_IMAGES)
@@ -96,8 +98,7 @@ def run(cfg: config_lib.PretrainConfig) -> Path:
         plot_training_curves(run_dir / "metrics.jsonl", curves)
         tracking.log_figures(accelerator, {"training_curves": curves}, trainer.state.step)
         mae = trainer.unwrapped
-        meta = dict(config=config_lib.to_dict(cfg), dataset=d.dataset, class_counts=counts.tolist(),
-                    class_names=train.class_names)
+        meta = engine.run_meta(cfg, train, counts)
         save_model(mae.encoder, run_dir / "encoder.safetensors", "encoder", arch_of(mae.encoder), **meta)
         save_model(mae, run_dir / "mae.safetensors", "mae", arch_of(mae.encoder), **meta)
         accelerator.print(f"wrote {run_dir / 'encoder.safetensors'}")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,35 +60,8 @@ from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
 from livt.metrics import class_accuracy
-from livt.models import build_head, outputs, set_head
+from livt.models import Adapter, batchnorms, build_head, pre_logits, set_head
 from livt.models.heads import CosineHead, NCMHead
-
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BN layers subclass these
-
-
-def batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, BATCHNORMS)]
-
-
-class FrozenBackbone(nn.Module):
-    """`forward(images) -> livt.models.outputs(model, images)` with the backbone kept in eval mode whatever
-    `train()` says: only the head follows it, and with `shift_bn` the BatchNorm layers too."""
-
-    def __init__(self, model: nn.Module, shift_bn: bool = False) -> None:
-        super().__init__()
-        self.model, self.shift_bn = model, shift_bn
-
-    def train(self, mode: bool = True) -> FrozenBackbone:
-        super().train(False)
-        self.training = mode
-        self.model.get_classifier().train(mode)
-        if self.shift_bn:
-            for bn in batchnorms(self.model):
-                bn.train(mode)
-        return self
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return outputs(self.model, images)
 
 
 class ClassScales(nn.Module):
@@ -129,14 +101,14 @@ def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
              shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     head = build_head(cfg.model.head, model.num_features, model.num_classes, cfg.model.head_scale)
     set_head(model, head)
-    return FrozenBackbone(model, shift_bn), head
+    return Adapter(model, frozen=True, shift_bn=shift_bn), head
 
 
 def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
                    shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     scaled = ClassScales(model.get_classifier())
     set_head(model, scaled)
-    return FrozenBackbone(model, shift_bn), scaled
+    return Adapter(model, frozen=True, shift_bn=shift_bn), scaled
 
 
 def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *, shift_bn: bool = False,
@@ -145,7 +117,7 @@ def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *, shif
         raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {head_lr_scale}")
     scaled = ClassScales(model.get_classifier(), train_head=True, head_lr_scale=head_lr_scale)
     set_head(model, scaled)
-    return FrozenBackbone(model, shift_bn), scaled
+    return Adapter(model, frozen=True, shift_bn=shift_bn), scaled
 
 
 def fold_scales(model: nn.Module) -> nn.Module:
@@ -158,26 +130,15 @@ def fold_scales(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods computed from features (`solve(accelerator, model, cfg, train, val, **options)` -> head, selection,
-# log rows, budget)
-
-
-class PreLogits(nn.Module):
-    """The classifier's input (B, D), under the name `engine.predict` collects."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+# Methods computed from features (`solve(accelerator, model, cfg, run_dir, train, val, **options)` ->
+# engine.Fitted: head, selection, log rows, budget)
 
 
 def features(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, dataset) -> tuple[Tensor, Tensor]:
     """(features (N, D) float32, labels (N,)) of every image of `dataset` through the evaluation transform."""
     d = cfg.data
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
-    return engine.predict(accelerator, PreLogits(model), data, d.batch_size, d.num_workers)
+    return engine.predict(accelerator, Adapter(model, pre_logits), data, d.batch_size, d.num_workers)
 
 
 def tau_normalised(weight: Tensor, tau: float) -> Tensor:
@@ -212,8 +173,8 @@ def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
     return best["tau"], rows
 
 
-def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, tau_min: float = 0.0,
-             tau_max: float = 2.0, tau_steps: int = 21):
+def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *,
+             tau_min: float = 0.0, tau_max: float = 2.0, tau_steps: int = 21) -> engine.Fitted:
     """tau swept over tau_steps evenly spaced values in [tau_min, tau_max] (21: steps of 0.1 over [0, 2])."""
     weight = model.get_classifier().weight.detach().float().cpu()
     val_features, val_labels = features(accelerator, model, cfg, val)
@@ -222,8 +183,8 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, trai
     with torch.no_grad():
         head.weight.copy_(tau_normalised(weight, tau))
         head.bias.zero_()  # Kang et al. drop the bias
-    return (head, {"rule": "tau with the best val mean per-class accuracy", "tau": tau}, rows,
-            {"epochs": 0, "steps": 0, "images_seen": len(val)})
+    return engine.Fitted(head, {"rule": "tau with the best val mean per-class accuracy", "tau": tau}, rows,
+                         {"epochs": 0, "steps": 0, "images_seen": len(val)})
 
 
 NCM_METRICS = ("l2", "cosine")
@@ -253,37 +214,39 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale
     return head
 
 
-def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, ncm_metric: str = "l2"):
+def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *,
+        ncm_metric: str = "l2") -> engine.Fitted:
     """`ncm_metric`: l2 (the official code's) | cosine (the paper's wording), see `ncm_head`."""
     feats, labels = features(accelerator, model, cfg, train)
     head = ncm_head(feats, labels, model.num_classes, ncm_metric, cfg.model.head_scale)
-    return head, {"rule": "none: class means of the training features"}, [], {"epochs": 0, "steps": 0,
-                                                                              "images_seen": len(train)}
+    return engine.Fitted(head, {"rule": "none: class means of the training features"}, [],
+                         {"epochs": 0, "steps": 0, "images_seen": len(train)})
 
 
-def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, tukey: float = 0.5,
+def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *, tukey: float = 0.5,
         support: int = 2, gamma: float = 0.0, beta: float = 0.6, beta_step: float = 0.05, head_min_count: int = 101,
-        kd_temperature: float = 1.0, gbl_s: float = 1.0, gbl_c: float = 2.0):
+        kd_temperature: float = 1.0, gbl_s: float = 1.0, gbl_c: float = 2.0) -> engine.Fitted:
     """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features. Options: Tukey power
     lambda of the features (1 = none); support classes per tail sample (K, 2-3 in the paper); gamma added to
     the calibrated covariance's diagonal (Eq. 9; 0 or 0.1); initial confidence beta of every tail class (0.4
     in the paper's ablation) and its change per epoch as the class's val accuracy rises or falls; classes
     with at least head_min_count training images are head classes (many-shot: > 100); the temperature of
-    the distillation from the stage-1 head, weighted by alpha(t) = gbl_s (gbl_c^t - 1)."""
+    the distillation from the stage-1 head, weighted by alpha(t) = gbl_s (gbl_c^t - 1). Its state is saved
+    after every epoch in the run directory; --resume continues from it."""
     from livt import afg as afg_lib
 
     train_x, train_y = features(accelerator, model, cfg, train)
     val_x, val_y = features(accelerator, model, cfg, val)
     head = copy.deepcopy(model.get_classifier()).cpu().requires_grad_(True)
-    head, rows, betas = afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg, tukey_lambda=tukey,
-                                          support=support, gamma=gamma, beta=beta, beta_step=beta_step,
-                                          head_min_count=head_min_count, kd_temperature=kd_temperature,
-                                          gbl_s=gbl_s, gbl_c=gbl_c)
-    steps = sum(math.ceil((len(train_y) + r["generated"]) / cfg.optim.batch_size) for r in rows)
-    selection = {"rule": "last (val adapts beta only)", "epoch": cfg.optim.epochs,
-                 "tail_beta": [round(b, 4) for b in betas.tolist()]}
-    return head, selection, rows, {"epochs": cfg.optim.epochs, "steps": steps,
-                                   "images_seen": len(train) + len(val)}
+    start = engine.load_loop_state(cfg.resume, run_dir)
+    accelerator.wait_for_everyone()  # read by every process before the main one saves again
+
+    def save(step: int, state: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            engine.save_loop_state(run_dir, step, state, cfg.keep_last)
+    return afg_lib.train_afg(head, train_x, train_y, val_x, val_y, cfg, tukey_lambda=tukey, support=support,
+                             gamma=gamma, beta=beta, beta_step=beta_step, head_min_count=head_min_count,
+                             kd_temperature=kd_temperature, gbl_s=gbl_s, gbl_c=gbl_c, start=start, save=save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,15 +256,15 @@ def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, va
 @dataclass(frozen=True)
 class SecondStage:
     """One second stage: `trainable` makes the head what the method trains and returns (the module the
-    Trainer runs, the module to optimise), or `solve` computes the head from features -> (head, selection,
-    log rows, budget); `export` turns the trained model into a plain classifier; `linear_head`: needs a
-    stage-1 linear head; `needs_val`: uses a held-out val split. The keyword-only parameters of `trainable`
-    or `solve` are the stage's options, `--decoupled.<option>` (checked against that signature by
+    Trainer runs, the module to optimise), or `solve` computes the head from features -> engine.Fitted;
+    `export` turns the trained model into a plain classifier; `linear_head`: needs a stage-1 linear head;
+    `needs_val`: uses a held-out val split. The keyword-only parameters of `trainable` or `solve` are the
+    stage's options, `--decoupled.<option>` (checked against that signature by
     livt.config)."""
 
     summary: str
     trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
-    solve: Callable[..., tuple[nn.Module, dict, list, dict]] | None = None
+    solve: Callable[..., engine.Fitted] | None = None
     export: Callable[[nn.Module], nn.Module] = lambda m: m
     linear_head: bool = False
     needs_val: bool = False
@@ -379,11 +342,9 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     stage = STAGES2[cfg.stage2]
     model.requires_grad_(False)
     net, optimize = stage.trainable(model, cfg, **cfg.decoupled.options)
-    forward = tuning.classifier_forward(cfg, counts, train.num_classes, lambda step: trainer.plan.progress(step))
-    trainer = engine.Trainer(cfg, "finetune", accelerator, run_dir, net,
-                             train_data(cfg, train, accelerator.device), train.targets, train.num_classes,
-                             forward, optimize=optimize)
-    return trainer
+    return engine.Trainer(cfg, "finetune", accelerator, run_dir, net,
+                          train_data(cfg, "finetune", train, accelerator.device), train.targets, train.num_classes,
+                          tuning.classifier_forward(cfg, counts, train.num_classes), optimize=optimize)
 
 
 def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
@@ -429,19 +390,20 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     engine.write_config(cfg, run_dir, accelerator)
     model.to(accelerator.device)
     t0 = time.perf_counter()
-    head, selection, rows, budget = stage.solve(accelerator, model, cfg, train, val, **cfg.decoupled.options)
+    fitted = stage.solve(accelerator, model, cfg, run_dir, train, val, **cfg.decoupled.options)
     seconds = time.perf_counter() - t0
-    set_head(model, head.to(accelerator.device))
+    set_head(model, fitted.head.to(accelerator.device))
     log = engine.MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    if accelerator.is_main_process:  # recomputed whole (no training state): replace an earlier attempt's rows
+    if accelerator.is_main_process:  # the whole run's rows (a resumed afg's include the restored epochs)
         log.path.unlink(missing_ok=True)
-    for row in rows:
+    for row in fitted.rows:
         log.write(**row)
     if accelerator.is_main_process:
         save_model(model, run_dir / "classifier.safetensors", "classifier", arch_of(model), **meta)
     accelerator.wait_for_everyone()
     _, val_split = evaluate.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
-    selection = {"epoch": None, **selection, "val": val_split if stage.needs_val else "not used", "select": cfg.select}
+    selection = {"epoch": None, **fitted.selection, "val": val_split if stage.needs_val else "not used",
+                 "select": cfg.select}
     tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
-                   {**budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
+                   {**fitted.budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir

@@ -31,16 +31,16 @@ def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
     return build_loss(cfg.name, counts, **options)
 
 
-def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray, num_classes: int,
-                       progress: Callable[[int], float]) -> Callable[..., torch.Tensor]:
-    """`forward(net, images, labels, indices, step) -> loss` of classifier training (ordinary fine-tuning, a
-    trained second stage, the benchmark): the recipe's loss on mixup / smoothed targets at `progress(step)`."""
+def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray,
+                       num_classes: int) -> Callable[[torch.nn.Module, engine.Batch, float], torch.Tensor]:
+    """`forward(net, batch, progress) -> loss` of classifier training (ordinary fine-tuning, a trained second
+    stage, the benchmark): the recipe's loss on mixup / smoothed targets at training progress `progress`."""
     criterion = make_criterion(cfg.loss, counts)
     targets = TargetMaker(cfg.aug, cfg.loss.label_smoothing, num_classes)
 
-    def forward(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices, step: int) -> torch.Tensor:
-        images, target = targets(images, labels)
-        return criterion(net(images), target, progress(step))
+    def forward(net: torch.nn.Module, batch: engine.Batch, progress: float) -> torch.Tensor:
+        images, target = targets(batch.images, batch.labels)
+        return criterion(net(images), target, progress)
     return forward
 
 
@@ -94,17 +94,20 @@ def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, t
 
 
 def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
-            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any], info: dict[str, Any] | None,
-            posthoc: bool = True) -> None:
-    """The end of a training run (fine-tuning, every second stage): the saved, reported `model` evaluated on
+            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any] | None, info: dict[str, Any] | None,
+            posthoc: bool = True, trained_with: str | None = None, label: str | None = None) -> None:
+    """The end of a run (fine-tuning, every second stage, `--eval_only`): the saved, reported `model` evaluated on
     test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
-    recorded, the results files written."""
+    recorded, the results files written. `trained_with`: the loss the model was trained with (default this
+    run's); `label`: the results table's row (default the method, test)."""
     tau = posthoc_tau(accelerator, model, cfg, val, test, counts) if posthoc else None
-    results = evaluate_split(accelerator, model, cfg, test, counts, cfg.loss.name, tau, final=True)
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with or cfg.loss.name, tau, final=True)
     results["selection"] = selection
-    results["budget"] = budget
+    if budget is not None:
+        results["budget"] = budget
     results.update(info or {})
-    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
+    report(accelerator, run_dir, results, test.class_names, counts, label or f"{cfg.stage2 or cfg.loss.name}, test",
+           cfg)
     # every rank done before the process group is destroyed: a rank that left while rank 0 still wrote
     # its results has aborted in gloo's teardown (SIGABRT after "Results in ...")
     accelerator.wait_for_everyone()

@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from livt.config import ConfigError
 from livt.data.folder import FolderDataset
-from livt.data.loading import Augmented, collate, sample_seed
+from livt.data.loading import Augmented, collate, finished, sample_seed
 from livt.data.splits import open_image
 from livt.data.transforms import (
     TrainTransform,
@@ -199,15 +199,15 @@ def test_stopped_and_resumed_run_equals_the_straight_one(tmp_path, one_thread):
         run_dir = engine.prepare_run_dir(cfg, "finetune", acc)
         engine.seed_step(cfg.seed, -1, 0)
         train = build_dataset(cfg.data, "train")
-        data = Augmented(train, finetune_transform(32, cfg.data.mean, cfg.data.std, cfg.aug.rand_augment,
-                                                   cfg.aug.reprob), cfg.seed)
+        data = finished(Augmented(train, finetune_transform(32, cfg.data.mean, cfg.data.std, cfg.aug.rand_augment,
+                                                            cfg.aug.reprob), cfg.seed), cfg.data, cfg.seed)
         model = create_vit("vit_micro", 32, 8, num_classes=5, global_pool="avg", drop_path_rate=0.1)
 
-        def forward(m, images, labels, indices, step):
-            assert images.dtype == torch.float32 and images.shape[1] == 3
-            if step == stop_at:
+        def forward(m, batch, progress):
+            assert batch.images.dtype == torch.float32 and batch.images.shape[1] == 3
+            if batch.step == stop_at:
                 t.stop.received = "SIGTERM"
-            return torch.nn.functional.cross_entropy(m(images), labels)
+            return torch.nn.functional.cross_entropy(m(batch.images), batch.labels)
 
         t = engine.Trainer(cfg, "finetune", acc, run_dir, model, data, train.targets, 5, forward)
         return t

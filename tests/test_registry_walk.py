@@ -100,7 +100,7 @@ def test_every_backbone_builds_and_steps(name):
 
 
 @pytest.mark.parametrize("name", list(stages.STAGES2))
-def test_every_second_stage_has_a_recipe_and_runs(name, one_thread):
+def test_every_second_stage_has_a_recipe_and_runs(name, one_thread, tmp_path):
     users = [m for m, (_, keys, _, _) in RECIPES.items() if keys.get("stage2") == name]
     assert users, f"second stage '{name}' is the stage2 of no recipe in configs/methods/"
     for method in users:
@@ -117,7 +117,8 @@ def test_every_second_stage_has_a_recipe_and_runs(name, one_thread):
         return
     cfg.optim.epochs = 1  # the head from the tiny preset's features
     train, val = (build_dataset(cfg.data, split) for split in ("train", "val"))
-    head, *_ = stage.solve(engine.make_accelerator("fp32"), model, cfg, train, val, **cfg.decoupled.options)
+    head = stage.solve(engine.make_accelerator("fp32"), model, cfg, tmp_path, train, val,
+                       **cfg.decoupled.options).head
     assert head(torch.zeros(2, model.num_features)).shape == (2, len(COUNTS))
 
 

@@ -114,7 +114,7 @@ def reset_accelerate():
 def _trainer(tmp_path, bad_steps, max_bad, epochs):
     from livt import config, engine
     from livt.data import build_dataset
-    from livt.data.loading import Augmented
+    from livt.data.loading import Augmented, TrainData
     from livt.data.transforms import eval_transform
     from livt.models.vit import create_vit
 
@@ -125,11 +125,11 @@ def _trainer(tmp_path, bad_steps, max_bad, epochs):
     train = build_dataset(cfg.data, "train")
     model = create_vit("vit_micro", 32, 8, num_classes=5, global_pool="avg")
 
-    def forward(m, images, labels, indices, step):
-        loss = torch.nn.functional.cross_entropy(m(images), labels)
-        return loss * math.nan if step in bad_steps else loss
+    def forward(m, batch, progress):
+        loss = torch.nn.functional.cross_entropy(m(batch.images), batch.labels)
+        return loss * math.nan if batch.step in bad_steps else loss
 
-    data = Augmented(train, eval_transform(32, cfg.data.mean, cfg.data.std), cfg.seed)
+    data = TrainData(Augmented(train, eval_transform(32, cfg.data.mean, cfg.data.std), cfg.seed))
     return engine.Trainer(cfg, "finetune", acc, run_dir, model, data, train.targets, 5, forward)
 
 

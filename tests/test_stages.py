@@ -4,6 +4,7 @@ for the buffers), exact resume of a trained second stage, and every method end t
 
 import json
 import math
+import shutil
 import signal
 
 import pytest
@@ -228,7 +229,7 @@ def _resnet_stage(tmp_path, method):
     train = build_dataset(cfg.data, "train")
     counts = class_counts(train.targets, train.num_classes)
     if method == "ncm":
-        head, *_ = stages.ncm(acc, model, cfg, train, None)
+        head = stages.ncm(acc, model, cfg, run_dir, train, None).head
         stages.set_head(model, head)
         after, trained = model.state_dict(), head
     else:
@@ -424,3 +425,29 @@ def test_afg_end_to_end_leaves_the_backbone_bitwise_unchanged(tmp_path, stage1):
     new, old = load_file(run_dir / "classifier.safetensors"), load_file(first)
     assert all(torch.equal(new[k], old[k]) for k in old if not k.startswith("head."))
     assert not torch.equal(new["head.weight"], old["head.weight"])
+
+
+def test_afg_resumed_from_an_epoch_state_equals_the_straight_run(tmp_path, stage1, monkeypatch):
+    from livt import afg
+
+    args = ["--data", "tiny", "--method", "glag", "--init_classifier", str(stage1("ce")), "--optim.epochs", "3",
+            "--decoupled.head_min_count", "20", "--output_dir", str(tmp_path), "--run_name", "glag"]
+    run_dir = finetune.main(args)
+    straight = tmp_path / "straight.safetensors"
+    shutil.copy(run_dir / "classifier.safetensors", straight)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    states = engine.state_dirs(run_dir)
+    steps = json.loads((run_dir / "test_results.json").read_text())["budget"]["steps"]  # 3 epochs of 13
+    assert [p.name for p in states] == [f"step_{s:09d}" for s in (26, 39)] and steps == 39  # keep_last 2
+    for path in [states[-1], run_dir / "classifier.safetensors", run_dir / "metrics.jsonl"]:  # killed in epoch 3
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    epochs, generate = [], afg.generate
+    monkeypatch.setattr(afg, "generate", lambda *a: epochs.append(1) or generate(*a))
+    finetune.main([*args, "--resume", "auto"])
+    assert len(epochs) == 1  # only the third epoch ran again
+    assert_same_tensors(run_dir / "classifier.safetensors", straight)
+    again = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in again] == [drop(r) for r in rows]

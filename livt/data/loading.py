@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +19,21 @@ import torch
 from livt.data.device import OnDevice, check_finetune_aug
 from livt.data.errors import ImageReadError
 from livt.data.splits import LTDataset
-from livt.data.transforms import TrainTransform, check_pipeline, finetune_transform
+from livt.data.transforms import (
+    PRETRAIN_SCALE,
+    TrainTransform,
+    check_pipeline,
+    finetune_transform,
+    finish_batch,
+    pretrain_transform,
+)
+
+ERASE_STREAM = 0xE2A5E  # keeps the erasing noise's seeds apart from those of livt.engine.seed_step
+
+
+def derive_seed(*key: int) -> int:
+    """A 32-bit seed that is a function of `key` alone (a hash through numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> tuple[int, np.ndarray, int]:
@@ -124,14 +139,56 @@ def make_loader(dataset: Augmented, sampler: torch.utils.data.Sampler, batch_siz
         prefetch_factor=prefetch_factor if num_workers > 0 else None)
 
 
-def train_data(cfg, train, device: torch.device):
-    """The augmented training set of `cfg`: held on the device with batched crop / flip (`data.on_device`),
-    or per-sample transforms in loader workers (crop, RandAugment, random erasing; mixup is in
-    `TargetMaker`). `cfg`: a FinetuneConfig."""
-    d, a = cfg.data, cfg.aug
+def float_batches(images: torch.Tensor, step: int, rank: int, micro: int) -> torch.Tensor:
+    """The finisher of a training set whose batches are float already."""
+    return images
+
+
+class FinishUint8:
+    """The finisher of data.uint8_batches: uint8 batches (B, 3 or 4, H, W) normalised on their device, the
+    erased pixels N(0, 1) noise drawn from (seed, step, rank, micro-batch) (`finish_batch`); float batches
+    (all images skipped, or a float input of `livt bench`) pass through."""
+
+    def __init__(self, mean: tuple, std: tuple, seed: int) -> None:
+        self.mean, self.std, self.seed = mean, std, seed
+
+    def __call__(self, images: torch.Tensor, step: int, rank: int, micro: int) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        return finish_batch(images, self.mean, self.std, derive_seed(self.seed, step, rank, micro, ERASE_STREAM))
+
+
+class TrainData(NamedTuple):
+    """A training set (`Augmented`, `OnDevice`; item (epoch, index)) and its batch finisher, `finish(images,
+    step, rank, micro) -> float images (B, 3, H, W)` on the device: what `livt.engine.Trainer` iterates."""
+
+    dataset: Any
+    finish: Callable[[torch.Tensor, int, int, int], torch.Tensor] = float_batches
+
+
+def finished(data: Any, d: Any, seed: int) -> TrainData:
+    """`data` with its transform run as data.pipeline / data.uint8_batches ask (`Augmented.with_pipeline`)
+    and the finisher of its batches; a set held on the device (`OnDevice`) makes float batches itself."""
+    if not isinstance(data, Augmented):
+        return TrainData(data)
+    data = data.with_pipeline(d.pipeline, d.uint8_batches)
+    return TrainData(data, FinishUint8(d.mean, d.std, seed) if d.uint8_batches else float_batches)
+
+
+def train_data(cfg, stage: str, train, device: torch.device) -> TrainData:
+    """The training data of a stage (`pretrain` or `finetune`): held on the device with batched crop / flip
+    (`data.on_device`), or per-sample transforms in loader workers (pretraining: the MAE crop and flip;
+    fine-tuning: crop, RandAugment, random erasing; mixup is in `TargetMaker`), with its batch finisher."""
+    d = cfg.data
+    if stage == "pretrain":
+        data = (OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, "rrc", PRETRAIN_SCALE) if d.on_device
+                else Augmented(train, pretrain_transform(d.img_size, d.mean, d.std), cfg.seed, d.skip_bad_images))
+        return finished(data, d, cfg.seed)
+    a = cfg.aug
     if d.on_device:
         check_finetune_aug(a)
-        return OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad)
+        return finished(OnDevice(train, d.img_size, d.mean, d.std, cfg.seed, device, a.crop, a.crop_scale, a.pad),
+                        d, cfg.seed)
     transform = finetune_transform(d.img_size, d.mean, d.std, a.rand_augment, a.reprob, a.color_jitter,
                                    a.crop_scale, a.crop, a.pad)
-    return Augmented(train, transform, cfg.seed, d.skip_bad_images)
+    return finished(Augmented(train, transform, cfg.seed, d.skip_bad_images), d, cfg.seed)

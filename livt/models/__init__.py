@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from timm.models.vision_transformer import Block
-from torch import Tensor, nn
+from torch import nn
 
+from livt.models.adapter import Adapter, batchnorms, forward_features, outputs, pre_logits
 from livt.models.cnn import CNNS, create_cnn, is_cnn
 from livt.models.heads import HEADS, build_head, head_name
 from livt.models.mae import MAE, create_mae
@@ -88,16 +89,6 @@ def build_model(cfg, num_classes: int) -> nn.Module:
                             m.head_scale)
 
 
-def outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """The model-output dict of `images`: logits, features and the head's extras (module docstring)."""
-    if hasattr(model, "forward_outputs"):
-        return model.forward_outputs(images)
-    features = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
-    head = model.get_classifier()
-    out = head.outputs(features) if hasattr(head, "outputs") else {"logits": head(features)}
-    return {"features": features, **out}
-
-
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile the repeated blocks of `model` in place (regional compilation: each distinct block is
     compiled once and reused, so compiling takes seconds, not minutes); the whole model when it has none.
@@ -108,18 +99,6 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
-class WithOutputs(nn.Module):
-    """`forward(images) -> outputs(model, images)`: what the training loop prepares (and Accelerate wraps
-    for distribution), so the loss sees the whole output dict through the wrapper's forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return outputs(self.model, images)
-
-
-__all__ = ["BACKBONES", "CNNS", "HEADS", "MAE", "MODULES", "VIT_SIZES", "WithOutputs", "build_classifier",
-           "build_head", "compile_blocks", "create_cnn", "create_mae", "create_vit", "head_name", "is_cnn", "outputs",
-           "resize_pos_embed", "set_head", "sincos_pos_embed", "vit_size"]
+__all__ = ["BACKBONES", "CNNS", "HEADS", "MAE", "MODULES", "VIT_SIZES", "Adapter", "batchnorms", "build_classifier",
+           "build_head", "compile_blocks", "create_cnn", "create_mae", "create_vit", "forward_features", "head_name",
+           "is_cnn", "outputs", "pre_logits", "resize_pos_embed", "set_head", "sincos_pos_embed", "vit_size"]

@@ -30,6 +30,7 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer, global_pool_nlc
 from torch import Tensor, nn
 
+from livt.models.adapter import Adapter, forward_features
 from livt.models.cnn import ResNetCifar
 from livt.models.composite import Composite, backbone_groups
 from livt.models.heads import CosineHead
@@ -41,17 +42,6 @@ EXPERT_WIDTHS: dict[str, dict] = {
     "resnet32": {"widths": (16, 24, 48)},
     "resnet": {"channels": (64, 128, 192, 384)},
 }
-
-
-class _Features(nn.Module):
-    """A backbone cut short: its `forward_features`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_features(x)
 
 
 class ViTExpert(nn.Module):
@@ -80,7 +70,7 @@ def split_vit(vit: VisionTransformer) -> tuple[nn.Module, nn.Module]:
     expert = ViTExpert(vit, k)
     vit.blocks, vit.norm, vit.fc_norm = vit.blocks[:k], nn.Identity(), nn.Identity()
     vit.reset_classifier(0)
-    return _Features(vit), expert
+    return Adapter(vit, forward_features), expert
 
 
 def split_resnet(net: ResNet) -> tuple[nn.Module, nn.Module]:
@@ -145,7 +135,7 @@ class SADEClassifier(Composite):
         """Weights of a plain ViT of the same size (an MGP encoder loaded by `livt.checkpoint.load_encoder`):
         the shared layers take its embeddings and first blocks, every expert a copy of its remaining
         blocks; fc_norm and the experts' heads stay as built."""
-        if not isinstance(self.shared, _Features):
+        if not isinstance(self.shared, Adapter):
             raise TypeError(f"SADE.load_vit: the experts are not ViT blocks but {type(self.experts[0]).__name__}")
         state = vit.state_dict()
         shared = self.shared.model
