@@ -8,6 +8,8 @@ Every key is checked: an unknown key or a value of the wrong type raises `Config
 (and the file it came from) and suggesting the closest valid key. The resolved config remembers which
 layer set each non-default value (`sources`), and `config.yaml` records it. A loss's options are its
 function's own keyword arguments (`--loss.s 30`), checked against the loss named (`settle_options`).
+A key with fixed choices is typed `Literal[...]` (a field, or an option's parameter annotation): any other
+value raises at parse time, naming the key, its source and the choices, which `--help` lists.
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
@@ -28,7 +30,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -59,7 +61,20 @@ VOLATILE = {
     # the representation monitor only reads the weights: it changes nothing a run trains
     "monitor.every", "monitor.max_train", "monitor.max_val", "monitor.k", "monitor.temperature",
 }
-SELECTION_RULES = ("auto", "best_val", "last")
+
+# Fixed choices of string keys: `coerce` accepts only these (from any layer), `--help` lists them, and the
+# modules that branch on them read the same sets (`typing.get_args`). Registries that grow (losses, heads,
+# backbones, datasets, second stages) are checked against their dicts instead.
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
+Normalize = Literal["given", "from_train"]
+Sampler = Literal["instance", "class_balanced", "sqrt", "progressive"]
+Pipeline = Literal["pil", "fast", "draft"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "step"]
+Crop = Literal["rrc", "pad"]
+Select = Literal["auto", "best_val", "last"]
+SELECTION_RULES = typing.get_args(Select)
 
 
 @dataclass
@@ -106,15 +121,15 @@ class DataConfig:
     """normalisation mean"""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """normalisation std"""
-    normalize: str = "given"
+    normalize: Normalize = "given"
     """normalisation: given (data.mean / data.std) | from_train (per-channel statistics of the training
     images, computed before the run starts and written into its config and weights)"""
     batch_size: int = 64
     """micro-batch per device; accumulation fills optim.batch_size"""
     num_workers: int = 4
     """DataLoader worker processes"""
-    sampler: str = "instance"
-    """training sampler: instance | class_balanced | sqrt | progressive"""
+    sampler: Sampler = "instance"
+    """training sampler"""
     val_from_train: float = 0.0
     """carve a stratified val split of this fraction from train (ceil per class, >= 1 image left in train;
     the class counts are those of what remains); 0 = the dataset's own val split"""
@@ -123,7 +138,7 @@ class DataConfig:
     on_device: bool = False
     """hold the training set on the device as uint8 and crop / flip / normalise batches there, no workers
     (in-memory sets: CIFAR, synthetic; fine-tuning needs aug.rand_augment '', aug.reprob 0)"""
-    pipeline: str = "pil"
+    pipeline: Pipeline = "pil"
     """training images (livt.data.transforms.TrainTransform; not with on_device): pil (Pillow, the torchvision
     / timm transforms: the reference, the default, bit for bit the runs made so far) | fast (the same draws
     and ops; the crop drawn from the file's header, resized by torch's Pillow-compatible bicubic: within one
@@ -169,8 +184,8 @@ class MAEConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    """optimizer: adamw | sgd"""
+    name: Optimizer = "adamw"
+    """optimizer"""
     epochs: int = 800
     """training epochs"""
     warmup_epochs: float = 40.0
@@ -181,7 +196,7 @@ class OptimConfig:
     """base lr; lr = blr x effective batch / 256 (unless optim.lr is set)"""
     lr: float = 0.0
     """absolute peak lr, not scaled by the batch (0 = from blr)"""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """lr after warmup: cosine (half-cycle to min_lr) | step (x step_gamma at each of step_epochs)"""
     step_epochs: tuple[int, ...] = (160, 180)
     """epochs at which the step schedule multiplies the lr by step_gamma"""
@@ -221,7 +236,7 @@ class LossConfig:
 
 @dataclass
 class AugConfig:
-    crop: str = "rrc"
+    crop: Crop = "rrc"
     """training crop: rrc (RandomResizedCrop over crop_scale, timm) | pad (pad by `pad`, random crop: CIFAR)"""
     pad: int = 4
     """padding of the pad crop"""
@@ -273,8 +288,8 @@ class RunConfig:
     """run directory name (default: <stage>-<data>-<model>-<config hash>)"""
     seed: int = 0
     """seed of initialisation, data order and augmentation"""
-    precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"""
+    precision: Precision = "auto"
+    """mixed precision; auto = bf16 on GPU, fp32 on CPU"""
     resume: str = ""
     """'auto' = latest training state in the run directory, or a state directory"""
     overwrite: bool = False
@@ -291,8 +306,8 @@ class RunConfig:
     """consecutive non-finite steps before the run saves and stops"""
     compile: bool = False
     """torch.compile the model"""
-    log_with: str = "none"
-    """experiment tracker through Accelerate: none | tensorboard | wandb | mlflow (pip install 'livt[NAME]')"""
+    log_with: Tracker = "none"
+    """experiment tracker through Accelerate (pip install 'livt[NAME]')"""
     debug_kill_at_step: int = 0
     """test only: SIGKILL this process at that optimizer step, mid-accumulation"""
 
@@ -320,7 +335,7 @@ class FinetuneConfig(RunConfig):
     decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
     method: str = ""
     """the method recipe this run was built from (set by --method; '' = none)"""
-    select: str = "auto"
+    select: Select = "auto"
     """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
     last | auto (best_val when such a val split exists, else last)"""
     pretrained: str = ""
@@ -393,12 +408,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) if not typing.get_args(tp) else str(tp).replace("typing.", "")
 
 
+def choices(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a `Literal[...]` type, () for any other type."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
 def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Check `value` against the field type, converting strings from the command line."""
     def bad() -> ConfigError:
         return ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
 
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, str) and value in allowed:
+            return value
+        where = f"command line: --{key}" if source.startswith("--") else f"{source}: key '{key}'"
+        raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -813,6 +839,13 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _options_help(table: dict[str, tuple[Any, Any]]) -> str:
+    """'s=30.0, drw_mean=weighted {weighted|plain}': each option's default, and its choices if fixed."""
+    shown = [f"{k}={_show(d)}" + (f" {{{'|'.join(choices(tp))}}}" if choices(tp) else "")
+             for k, (tp, d) in table.items()]
+    return ", ".join(shown) or "none"
+
+
 def help_text(stage: str) -> str:
     script = "pretrain_mgp.py" if stage == "pretrain" else "finetune_bft.py"
     method = " [--method NAME]" if stage == "finetune" else ""
@@ -830,22 +863,23 @@ def help_text(stage: str) -> str:
     ]
     cfg = STAGES[stage]()
     current = flatten(to_dict(cfg))
-    for key, (_, doc) in flat_fields(STAGES[stage]).items():
-        lines.append(f"  --{key:<28} {' '.join(doc.split())} [{_show(current[key])}]")
+    for key, (tp, doc) in flat_fields(STAGES[stage]).items():
+        one_of = f" {{{'|'.join(choices(tp))}}}" if choices(tp) else ""
+        lines.append(f"  --{key:<28}{one_of} {' '.join(doc.split())} [{_show(current[key])}]")
     if "loss" in open_sections(cfg):
         from livt.losses import LOSSES
 
         lines += ["", "options of each loss (--loss.<option> value; the function's defaults):"]
         for name in LOSSES:
             table = loss_options(name)
-            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+            lines.append(f"  {name:<22} " + _options_help(table))
     if "decoupled" in open_sections(cfg):
         from livt.stages import STAGES2
 
         lines += ["", "options of each second stage (--stage2 NAME --decoupled.<option> value; the defaults):"]
         for name in STAGES2:
             table = stage2_options(name)
-            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+            lines.append(f"  {name:<22} " + _options_help(table))
     return "\n".join(lines)
 
 

@@ -88,9 +88,6 @@ def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.nd
 
 def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]:
     """(rule, val split description): which epoch is reported, and what val is."""
-    if cfg.select not in config_lib.SELECTION_RULES:
-        raise config_lib.ConfigError(f"--select: expected one of {', '.join(config_lib.SELECTION_RULES)}, "
-                                     f"got '{cfg.select}'")
     held = heldout_val(val, test)
     what = (f"{cfg.data.val_from_train:g} of train, carved (stratified)" if cfg.data.val_from_train
             else f"{val.name} ({len(val)} images)" if held else "none: val is the test split")

@@ -43,10 +43,11 @@ import copy
 import inspect
 import math
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -226,7 +227,8 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, trai
             {"epochs": 0, "steps": 0, "images_seen": len(val)})
 
 
-NCM_METRICS = ("l2", "cosine")
+NcmMetric = Literal["l2", "cosine"]
+NCM_METRICS = typing.get_args(NcmMetric)
 
 
 def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -235,7 +237,7 @@ def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return sums / torch.bincount(labels, minlength=num_classes)[:, None]
 
 
-def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale: float) -> nn.Module:
+def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: NcmMetric, scale: float) -> nn.Module:
     """The NCM head of `metric` (decoupled.ncm_metric) from training features (N, D) and labels (N,)."""
     if metric == "l2":  # the official `cl2n` centroids: class means of the centred, normalised features
         head, mean = NCMHead(feats.shape[1], num_classes, scale), feats.mean(0)
@@ -253,7 +255,7 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale
     return head
 
 
-def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, ncm_metric: str = "l2"):
+def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, train, val, *, ncm_metric: NcmMetric = "l2"):
     """`ncm_metric`: l2 (the official code's) | cosine (the paper's wording), see `ncm_head`."""
     feats, labels = features(accelerator, model, cfg, train)
     head = ncm_head(feats, labels, model.num_classes, ncm_metric, cfg.model.head_scale)
@@ -326,10 +328,13 @@ STAGES2: dict[str, SecondStage] = {
 
 
 def options(name: str) -> dict[str, tuple[type, object]]:
-    """{option: (type, default)} of the second stage `name`: the keyword-only parameters of its function."""
-    stage = STAGES2[name]
-    params = inspect.signature(stage.trainable or stage.solve).parameters.values()
-    return {p.name: (type(p.default), p.default) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """{option: (type, default)} of the second stage `name`: the keyword-only parameters of its function,
+    typed by the default (Literal choices by the annotation)."""
+    fn = STAGES2[name].trainable or STAGES2[name].solve
+    hints = typing.get_type_hints(fn)
+    return {p.name: (hints[p.name] if typing.get_origin(hints.get(p.name)) is Literal else type(p.default),
+                     p.default)
+            for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:

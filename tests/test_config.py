@@ -121,3 +121,59 @@ def test_loss_options_enter_the_hash_given_or_default(tmp_path):
     assert saved["loss"]["s"] == 20.0 and "options" not in saved["loss"]
     again = c.from_dict("finetune", saved)
     assert again == other and c.config_hash(again) == c.config_hash(other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed choices (Literal types) checked at parse time
+
+
+@pytest.mark.parametrize("argv, key, allowed", [
+    (["--precision", "fp8"], "precision", "auto, bf16, fp16, fp32"),
+    (["--log_with", "neptune"], "log_with", "none, tensorboard, wandb, mlflow"),
+    (["--select", "best"], "select", "auto, best_val, last"),
+    (["--data.pipeline", "turbo"], "data.pipeline", "pil, fast, draft"),
+    (["--data.normalize", "imagenet"], "data.normalize", "given, from_train"),
+    (["--data.sampler", "balanced"], "data.sampler", "instance, class_balanced, sqrt, progressive"),
+    (["--aug.crop", "random"], "aug.crop", "rrc, pad"),
+    (["--optim.name", "adam"], "optim.name", "adamw, sgd"),
+    (["--optim.schedule", "linear"], "optim.schedule", "cosine, step"),
+    (["--method", "ldam", "--loss.drw_mean", "mean"], "loss.drw_mean", "weighted, plain"),
+    (["--loss.name", "bal_bce", "--loss.variant", "eq9"], "loss.variant", "eq10, eq6"),
+    (["--method", "mislas", "--init_classifier", "x", "--loss.shape", "cubic"], "loss.shape",
+     "concave, linear, convex"),
+    (["--method", "mislas", "--init_classifier", "x", "--loss.spread", "even"], "loss.spread", "code, paper"),
+    (["--method", "reslt", "--loss.groups", "thirds"], "loss.groups", "rank, log_count"),
+    (["--method", "ncm", "--init_classifier", "x", "--decoupled.ncm_metric", "l1"], "decoupled.ncm_metric",
+     "l2, cosine"),
+])
+def test_fixed_choices_are_checked_on_the_command_line(argv, key, allowed):
+    bad = argv[-1]
+    with pytest.raises(c.ConfigError, match=rf"^command line: --{key}: expected one of {allowed}, got '{bad}'$"):
+        c.parse_args("finetune", ["--data", "tiny", *argv])
+
+
+def test_fixed_choices_are_checked_in_files(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("loss: {name: ldam}\noptim: {schedule: linear}\n")
+    with pytest.raises(c.ConfigError, match=rf"^{recipe}: key 'optim.schedule': expected one of cosine, step, "
+                                            "got 'linear'$"):
+        c.parse_args("finetune", ["--data", "tiny", "--method", str(recipe)])
+    recipe.write_text("loss: {name: ldam, drw_mean: mean}\n")
+    with pytest.raises(c.ConfigError, match=rf"^{recipe}: key 'loss.drw_mean': expected one of weighted, plain"):
+        c.parse_args("finetune", ["--data", "tiny", "--config", str(recipe)])
+    assert c.parse_args("finetune", ["--data", "tiny", "--optim.schedule", "step"]).optim.schedule == "step"
+
+
+def test_help_shows_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        c.parse_args("finetune", ["--help"])
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["--precision", "{auto|bf16|fp16|fp32}"] for line in out.splitlines())
+    assert "drw_mean=weighted {weighted|plain}" in out and "ncm_metric=l2 {l2|cosine}" in out
+
+
+def test_choice_sets_match_the_code_that_branches_on_them():
+    from livt import tracking
+
+    assert c.choices(c.Tracker) == tuple(tracking.TRACKERS)
+    assert c.choices(c.Precision) == ("auto", "bf16", "fp16", "fp32") and c.choices(int) == ()
