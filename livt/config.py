@@ -1,9 +1,10 @@
-"""Typed run configuration: one dataclass per stage, YAML layers, one override syntax.
+"""Typed run configuration: one dataclass per command (pretrain, finetune, stage2, evaluate), YAML layers,
+one override syntax.
 
 Layers, lowest first, each strict:
-    dataclass defaults < dataset preset (`--data NAME`: configs/<stage>/NAME.yaml; `demo` when absent)
-    < method recipe (`--method NAME`: configs/methods/NAME.yaml, fine-tuning only) < `--config FILE`
-    < `--section.key value` overrides.
+    dataclass defaults < dataset preset (`--data NAME`: configs/pretrain/ or configs/finetune/NAME.yaml;
+    `demo` when absent) < method recipe (`--method NAME`: configs/methods/NAME.yaml; finetune, or stage2 for
+    a recipe that sets `stage2`) < `--config FILE` < `--section.key value` overrides.
 Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
 (and the file it came from) and suggesting the closest valid key. The resolved config remembers which
 layer set each non-default value (`sources`), and `config.yaml` records it. A loss's options are its
@@ -54,7 +55,7 @@ class ConfigError(ValueError):
 # Fields that may change between a run and its resumption without making it a different run.
 # They are left out of the config hash that names the run directory.
 VOLATILE = {
-    "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
+    "run_name", "output_dir", "resume", "overwrite", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "posthoc", "max_bad_steps",
     "compile", "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
@@ -324,35 +325,13 @@ class PretrainConfig(RunConfig):
 
 
 @dataclass
-class FinetuneConfig(RunConfig):
+class ClassifierConfig(RunConfig):
+    """Fields shared by the commands that make or read a classifier (finetune, stage2, evaluate)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        epochs=100, warmup_epochs=10.0, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
-        layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
-    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
-    method: str = ""
-    """the method recipe this run was built from (set by --method; '' = none)"""
-    select: Select = "auto"
-    """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
-    last | auto (best_val when such a val split exists, else last)"""
-    pretrained: str = ""
-    """pretraining .safetensors (encoder or full MAE) to start from"""
-    from_scratch: bool = False
-    """start from random weights (no --pretrained)"""
-    init_classifier: str = ""
-    """fine-tuned classifier .safetensors to start a second stage from (its backbone is frozen)"""
-    stage2: str = ""
-    """second stage on the frozen backbone of --init_classifier: '' (ordinary fine-tuning) | crt | tau_norm |
-    lws | ncm | mislas | afg (see livt.stages.STAGES2)"""
-    eval_only: bool = False
-    """evaluate --checkpoint and exit"""
-    checkpoint: str = ""
-    """fine-tuned .safetensors to evaluate (with --eval_only)"""
-    eval_every: int = 1
-    """epochs between validation passes"""
     test_prior_imbalance: float = 0.0
     """also report forward/backward long-tailed test sets of this imbalance, raw and post-hoc adjusted (0 = off)"""
     tta_aggregate: bool = False
@@ -366,7 +345,56 @@ class FinetuneConfig(RunConfig):
     """also report post-hoc logit adjustment z - tau log pi (tau swept on a held-out val split, else 1)"""
 
 
-STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+@dataclass
+class TrainClassifierConfig(ClassifierConfig):
+    """Fields shared by the commands that train a classifier (finetune, stage2)."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=100, warmup_epochs=10.0, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
+        layer_decay=0.75))
+    method: str = ""
+    """the method recipe this run was built from (set by --method; '' = none)"""
+    select: Select = "auto"
+    """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
+    last | auto (best_val when such a val split exists, else last)"""
+    eval_every: int = 1
+    """epochs between validation passes"""
+
+
+@dataclass
+class FinetuneConfig(TrainClassifierConfig):
+    """`livt finetune`: a classifier from a pretrained encoder or from scratch."""
+
+    pretrained: str = ""
+    """pretraining .safetensors (encoder or full MAE) to start from"""
+    from_scratch: bool = False
+    """start from random weights (no --pretrained)"""
+
+
+@dataclass
+class Stage2Config(TrainClassifierConfig):
+    """`livt stage2`: a second stage on the frozen backbone of a fine-tuned classifier."""
+
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    init_classifier: str = ""
+    """fine-tuned classifier .safetensors to start from (its backbone is frozen)"""
+    stage2: str = ""
+    """the second stage (set by a second-stage --method recipe): crt | tau_norm | lws | ncm | mislas | afg
+    (see livt.stages.STAGES2)"""
+
+
+@dataclass
+class EvaluateConfig(ClassifierConfig):
+    """`livt evaluate`: a saved classifier on the test split of `data`."""
+
+    checkpoint: str = ""
+    """fine-tuned .safetensors to evaluate"""
+
+
+STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "stage2": Stage2Config, "evaluate": EvaluateConfig}
+# the folder of a command's dataset presets (configs/<folder>/); the classifier commands share fine-tuning's
+PRESET_DIRS = {"pretrain": "pretrain", "finetune": "finetune", "stage2": "finetune", "evaluate": "finetune"}
+METHOD_COMMANDS = ("finetune", "stage2")  # the commands that take --method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +728,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def presets(stage: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / PRESET_DIRS[stage]).glob("*.yaml"))
 
 
 def shown(path: Path) -> str:
@@ -712,7 +740,7 @@ def shown(path: Path) -> str:
 
 
 def preset_path(stage: str, name: str) -> Path:
-    path = CONFIG_DIR / stage / f"{name}.yaml"
+    path = CONFIG_DIR / PRESET_DIRS[stage] / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"--data: no preset '{name}' for {stage}; choose one of {', '.join(presets(stage))}")
     return path
@@ -759,11 +787,10 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
     """The config of `stage` from its layers (module docstring); each layer is strict."""
     cfg = STAGES[stage]()
     preset = preset_path(stage, data or "demo")
-    layers: list[tuple[dict[str, Any], str]] = [(load_yaml(preset), shown(preset))]
+    layers: list[tuple[dict[str, Any], str]] = [(preset_keys(stage, preset), shown(preset))]
     if method:
-        if stage != "finetune":
-            raise ConfigError("--method: method recipes are fine-tuning recipes (finetune_bft.py / livt finetune)")
         path, keys, _, by_dataset = read_method(method)
+        check_method_command(stage, method, path, keys)
         layers.append(({**keys, "method": path.stem}, shown(path)))
         by_dataset_at = len(layers)
     if config:
@@ -784,6 +811,28 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
     for key, value in sorted(overrides, key=lambda kv: kv[0] not in names):
         update(cfg, {key: value}, f"--{key}")
     return cfg
+
+
+def preset_keys(stage: str, path: Path) -> dict[str, Any]:
+    """A dataset preset's keys for `stage`: a preset of fine-tuning sets training keys (optim.*) that
+    `livt evaluate` has no use for; those are left out (any other unknown key still raises)."""
+    keys = load_yaml(path)
+    unused = set(flat_fields(STAGES[PRESET_DIRS[stage]])) - set(flat_fields(STAGES[stage]))
+    return {k: v for k, v in keys.items() if k not in unused}
+
+
+def check_method_command(stage: str, method: str, path: Path, keys: dict[str, Any]) -> None:
+    """A recipe that sets `stage2` is run by `livt stage2`, any other fine-tuning recipe by `livt finetune`."""
+    if stage not in METHOD_COMMANDS:
+        raise ConfigError(f"--method: method recipes are fine-tuning recipes, run by `livt finetune` or "
+                          f"`livt stage2`, not `livt {stage}`")
+    if stage == "finetune" and "stage2" in keys:
+        raise ConfigError(f"--method {method}: {shown(path)} is a second stage (stage2: {keys['stage2']}) on a "
+                          f"frozen backbone; run it with `livt stage2 --method {method} --init_classifier "
+                          f"<stage-1 run>/classifier.safetensors`")
+    if stage == "stage2" and "stage2" not in keys:
+        raise ConfigError(f"--method {method}: {shown(path)} sets no stage2, so it is not a second stage; run it "
+                          f"with `livt finetune --method {method}`")
 
 
 # entries config.yaml holds beside the keys (see `save` and engine.write_config)
@@ -847,14 +896,15 @@ def _options_help(table: dict[str, tuple[Any, Any]]) -> str:
 
 
 def help_text(stage: str) -> str:
-    script = "pretrain_mgp.py" if stage == "pretrain" else "finetune_bft.py"
-    method = " [--method NAME]" if stage == "finetune" else ""
+    script = {"pretrain": "pretrain_mgp.py (or livt pretrain)", "finetune": "finetune_bft.py (or livt finetune)"}
+    method = " [--method NAME]" if stage in METHOD_COMMANDS else ""
     lines = [
-        f"usage: {script} (or livt {stage}) [--data PRESET]{method} [--config FILE] [--key value ...]",
+        f"usage: {script.get(stage, f'livt {stage}')} [--data PRESET]{method} [--config FILE] [--key value ...]",
         f"presets (--data, default demo): {', '.join(presets(stage))}",
     ]
-    if stage == "finetune":
-        lines.append(f"methods (--method; livt compare --list): {', '.join(methods())}")
+    if stage in METHOD_COMMANDS:
+        mine = [m for m in methods() if ("stage2" in read_method(m)[1]) == (stage == "stage2")]
+        lines.append(f"methods (--method; livt compare --list): {', '.join(mine)}")
     lines += [
         "layers, lowest first: defaults < --data < --method < --config < --key value.",
         "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys;",
@@ -886,11 +936,20 @@ def help_text(stage: str) -> str:
 LAYER_FLAGS = ("data", "method", "config")
 
 
+def _unknown_key(stage: str, key: str, valid: list[str]) -> ConfigError:
+    """An unknown command-line key; one of another command's names that command."""
+    others = [name for name in STAGES if name not in (stage, "pretrain") and key in flat_fields(STAGES[name])]
+    if others and stage != "pretrain":
+        return ConfigError(f"command line: --{key} is a key of `livt {others[0]}`, not of `livt {stage}`")
+    return _unknown(key, valid, "command line")
+
+
 def parse_args(stage: str, argv: list[str]) -> Any:
     """Build the config of `stage` from command-line tokens (see module docstring)."""
     fields = flat_fields(STAGES[stage])
     named: dict[str, str] = {}
     overrides: list[tuple[str, Any]] = []
+    unknown: ConfigError | None = None  # the first unknown key, raised once a --method recipe had its say
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -904,21 +963,27 @@ def parse_args(stage: str, argv: list[str]) -> Any:
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             is_option = key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1
-            if (is_option or (key in fields and fields[key][0] is bool)) and (nxt is None or nxt.startswith("--")):
+            bare = is_option or (key in fields and fields[key][0] is bool) or not (key in fields or key in LAYER_FLAGS)
+            if bare and (nxt is None or nxt.startswith("--")):
                 value = "true"  # a bare flag: a boolean (an option's type is checked once its function is named)
             elif nxt is None:
                 raise ConfigError(f"command line: --{key} needs a value")
             else:
                 value, i = nxt, i + 1
         i += 1
-        if key in LAYER_FLAGS and not (key == "method" and stage != "finetune"):
+        if key in LAYER_FLAGS and not (key == "method" and stage not in METHOD_COMMANDS):
             if key in named:
                 raise ConfigError(f"command line: --{key} given twice")
             named[key] = value
         elif key in fields or (key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1):
             overrides.append((key, value))  # a section's option is checked once its function is named
-        else:
-            raise _unknown(key, list(fields) + list(LAYER_FLAGS), "command line")
+        elif unknown is None:
+            unknown = _unknown_key(stage, key, list(fields) + list(LAYER_FLAGS))
+    if "method" in named:  # `livt finetune --method crt --init_classifier F`: say which command runs crt
+        path, keys, _, _ = read_method(named["method"])
+        check_method_command(stage, named["method"], path, keys)
+    if unknown is not None:
+        raise unknown
     return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
 
 
@@ -933,7 +998,8 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
+    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "ClassifierConfig", "TrainClassifierConfig",
+    "FinetuneConfig", "Stage2Config", "EvaluateConfig", "parse_args", "from_dict",
     "to_dict", "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",

@@ -1,16 +1,20 @@
 """Evaluation of a classifier on a split: raw, post-hoc adjusted (tau chosen on held-out val), on shifted
 test priors, SADE's transductive rows; and the selection rule (which epoch is reported: best val top-1 where
 the val split is held out, else the last). The test split never chooses anything: tau and the epoch come from
-a held-out val split, else tau is fixed at 1."""
+a held-out val split, else tau is fixed at 1. `livt evaluate` (`main`): a saved classifier on the test split."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from livt import aggregate, engine
 from livt import config as config_lib
-from livt.data import heldout_val
+from livt.checkpoint import load_classifier
+from livt.data import build_dataset, heldout_val, train_class_counts
 from livt.data.loading import Augmented
 from livt.data.transforms import eval_transform
 from livt.metrics import (
@@ -22,6 +26,7 @@ from livt.metrics import (
     posthoc_adjust,
     subsample_to_prior,
 )
+from livt.report import report
 
 
 def predict_split(accelerator, model, cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +110,46 @@ def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]
     return rule, what
 
 
-def check_tta(cfg: config_lib.FinetuneConfig) -> None:
+def check_evaluation(cfg: config_lib.ClassifierConfig) -> None:
+    """The evaluation keys every classifier command shares, checked before anything runs (the head of a
+    saved checkpoint is known once it is loaded)."""
+    if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
+        raise config_lib.ConfigError(
+            f"--test_prior_imbalance: expected 0 (off) or an imbalance >= 1, got {cfg.test_prior_imbalance}")
     if cfg.tta_aggregate and cfg.tta_epochs < 1:
         raise config_lib.ConfigError(f"--tta_epochs: expected >= 1 with --tta_aggregate, got {cfg.tta_epochs}")
-    if cfg.tta_aggregate and not cfg.eval_only and cfg.model.head != "sade":
+    if cfg.tta_aggregate and not isinstance(cfg, config_lib.EvaluateConfig) and cfg.model.head != "sade":
         raise config_lib.ConfigError(f"--tta_aggregate: the test-time aggregation weighs experts; it needs "
                                      f"--model.head sade, not '{cfg.model.head}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# `livt evaluate`
+
+
+def evaluate_checkpoint(cfg: config_lib.EvaluateConfig) -> Path:
+    """`livt evaluate --checkpoint FILE`: the test split of `cfg.data`, counts from the train split or
+    from `data.class_counts_file`."""
+    check_evaluation(cfg)
+    if not cfg.checkpoint:
+        raise config_lib.ConfigError("livt evaluate needs --checkpoint FILE.safetensors")
+    accelerator, run_dir = engine.start(cfg, "eval")
+    model, meta = load_classifier(cfg.checkpoint)
+    model.to(accelerator.device)
+    counts = train_class_counts(cfg.data)
+    if meta.get("arch", {}).get("num_classes") not in (None, len(counts)):
+        raise config_lib.ConfigError(
+            f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
+    model = accelerator.prepare(model)
+    test = build_dataset(cfg.data, "test")
+    trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
+    tau = posthoc_tau(accelerator, model, cfg, build_dataset(cfg.data, "val"), test, counts) if cfg.posthoc else None
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with, tau, final=True)
+    results["selection"] = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used",
+                            "select": "n/a"}
+    report(accelerator, run_dir, results, test.class_names, counts, Path(cfg.checkpoint).name, cfg)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return evaluate_checkpoint(config_lib.parse_args("evaluate", sys.argv[1:] if argv is None else argv))

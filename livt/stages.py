@@ -1,8 +1,8 @@
 """Second stages on a frozen backbone: the decoupled classifiers of Kang et al. (ICLR 2020: cRT, tau-norm,
 LWS, NCM) and MiSLAS's classifier re-training (Zhong et al., CVPR 2021).
 
-    livt finetune --data tiny --method ce --from_scratch --run_name s1                              # stage 1
-    livt finetune --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
+    livt finetune --data tiny --method ce --from_scratch --run_name s1                            # stage 1
+    livt stage2 --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
     (seconds each on a CPU)
 
 A second stage starts from a fine-tuned classifier file (`--init_classifier`; any timm-style backbone:
@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
 import time
 import typing
 from collections.abc import Callable
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from livt import config as config_lib
 from livt import engine, evaluate, tuning
 from livt.checkpoint import arch_of, check_pretrained_matches, load_classifier, save_model
-from livt.data import build_dataset, heldout_val
+from livt.data import build_dataset, heldout_val, resolve_normalization
 from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
@@ -337,16 +338,13 @@ def options(name: str) -> dict[str, tuple[type, object]]:
             for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
-    if cfg.stage2 not in STAGES2:
-        raise config_lib.ConfigError(f"--stage2: no second stage '{cfg.stage2}'; choose one of {', '.join(STAGES2)}"
-                                     + ("" if cfg.stage2 else " (with --init_classifier)"))
+def check_request(cfg: config_lib.Stage2Config) -> SecondStage:
+    if not cfg.stage2:
+        raise config_lib.ConfigError(f"livt stage2: name the second stage with a recipe (--method crt, ...) or "
+                                     f"--stage2 NAME ({', '.join(STAGES2)})")
     if not cfg.init_classifier:
         raise config_lib.ConfigError(
             f"--stage2 {cfg.stage2}: needs --init_classifier <stage-1 run>/classifier.safetensors")
-    if cfg.pretrained or cfg.from_scratch:
-        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
-                                     f"--pretrained / --from_scratch")
     stage = STAGES2[cfg.stage2]
     if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
@@ -391,10 +389,13 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
     return trainer
 
 
-def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
-    """The second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module docstring)."""
+def run_stage2(cfg: config_lib.Stage2Config) -> Path:
+    """`livt stage2`: the second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module
+    docstring)."""
+    evaluate.check_evaluation(cfg)
+    resolve_normalization(cfg)  # a second stage sees the images as its stage 1 did
     stage = check_request(cfg)
-    accelerator, run_dir = engine.start(cfg, "finetune")
+    accelerator, run_dir = engine.start(cfg, "stage2")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))
     counts = class_counts(train.targets, train.num_classes)
@@ -450,3 +451,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
                    {**budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return run_stage2(config_lib.parse_args("stage2", sys.argv[1:] if argv is None else argv))

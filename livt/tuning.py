@@ -104,5 +104,6 @@ def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: t
     results["selection"] = selection
     results["budget"] = budget
     results.update(info or {})
-    report(accelerator, run_dir, results, test.class_names, counts, f"{cfg.stage2 or cfg.loss.name}, test", cfg)
+    label = getattr(cfg, "stage2", "") or cfg.loss.name  # a second stage, else the loss
+    report(accelerator, run_dir, results, test.class_names, counts, f"{label}, test", cfg)
     accelerator.end_training()

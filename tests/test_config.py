@@ -28,7 +28,7 @@ def test_override_types():
     assert cfg.data.mean == (0.1, 0.2, 0.3)
     assert cfg.overwrite is True and cfg.seed == 3 and cfg.mae.norm_pix_loss is False
     assert cfg.optim.warmup_epochs == 2.0 and isinstance(cfg.optim.warmup_epochs, float)
-    assert c.parse_args("finetune", ["--eval-only", "--checkpoint", "x"]).eval_only is True
+    assert c.parse_args("evaluate", ["--tta-aggregate", "--checkpoint", "x"]).tta_aggregate is True
 
 
 def test_unknown_key_names_it_and_suggests():
@@ -147,9 +147,9 @@ def test_loss_options_enter_the_hash_given_or_default(tmp_path):
      "l2, cosine"),
 ])
 def test_fixed_choices_are_checked_on_the_command_line(argv, key, allowed):
-    bad = argv[-1]
+    bad, command = argv[-1], "stage2" if "--init_classifier" in argv else "finetune"
     with pytest.raises(c.ConfigError, match=rf"^command line: --{key}: expected one of {allowed}, got '{bad}'$"):
-        c.parse_args("finetune", ["--data", "tiny", *argv])
+        c.parse_args(command, ["--data", "tiny", *argv])
 
 
 def test_fixed_choices_are_checked_in_files(tmp_path):
@@ -169,7 +169,12 @@ def test_help_shows_the_choices(capsys):
         c.parse_args("finetune", ["--help"])
     out = capsys.readouterr().out
     assert any(line.split()[:2] == ["--precision", "{auto|bf16|fp16|fp32}"] for line in out.splitlines())
-    assert "drw_mean=weighted {weighted|plain}" in out and "ncm_metric=l2 {l2|cosine}" in out
+    assert "drw_mean=weighted {weighted|plain}" in out and "ncm_metric" not in out
+    with pytest.raises(SystemExit):
+        c.parse_args("stage2", ["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: livt stage2 ") and "ncm_metric=l2 {l2|cosine}" in out
+    assert "crt" in out.split("methods (--method")[1].splitlines()[0] and "--init_classifier" in out
 
 
 def test_choice_sets_match_the_code_that_branches_on_them():
