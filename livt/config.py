@@ -906,7 +906,7 @@ def help_text(stage: str) -> str:
         mine = [m for m in methods() if ("stage2" in read_method(m)[1]) == (stage == "stage2")]
         lines.append(f"methods (--method; livt compare --list): {', '.join(mine)}")
     lines += [
-        "layers, lowest first: defaults < --data < --method < --config < --key value.",
+        f"layers, lowest first: defaults < --data{' < --method' if method else ''} < --config < --key value.",
         "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys;",
         "lists and tuples are comma-separated (--data.mean 0.5,0.5,0.5).",
         "",
