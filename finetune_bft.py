@@ -2,7 +2,8 @@
 
     python finetune_bft.py --data demo --pretrained checkpoints/<pretrain run>/encoder.safetensors
     accelerate launch finetune_bft.py --data imagenet_lt --data.root /data/imagenet --pretrained ...
-    python finetune_bft.py --data imagenet_lt --eval_only --checkpoint classifier.safetensors
+    livt evaluate --data imagenet_lt --checkpoint classifier.safetensors  # a saved classifier (livt.evaluate)
+    livt stage2 --data tiny --method crt --init_classifier <stage-1 run>/classifier.safetensors  # livt.stages
     python finetune_bft.py --help                          # every key, one line each
 
 Writes checkpoints/<run>/classifier.safetensors and test_results.{json,md}.

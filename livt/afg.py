@@ -1,7 +1,7 @@
 """GLAG's stage 2, the Adaptive Feature Generator (Zhang et al., GLAG, Sec. 4.2, Eq. 5-11): the second stage
 `afg` of `livt.stages.STAGES2`, a classifier trained on features of the frozen stage-1 backbone.
 
-    livt finetune --data tiny --method glag --init_classifier <gbl run>/classifier.safetensors  (seconds)
+    livt stage2 --data tiny --method glag --init_classifier <gbl run>/classifier.safetensors  (seconds)
 
 1. Features: the frozen backbone's pre-logits features of the training images (evaluation transform),
    Tukey-transformed x -> sign(x) |x|^lambda (Tukey's x^lambda for the non-negative features of a ReLU
@@ -163,7 +163,7 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> Tens
 
 
 def train_afg(head: nn.Linear, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
-              cfg: config_lib.FinetuneConfig, *, tukey_lambda: float, support: int, gamma: float, beta: float,
+              cfg: config_lib.TrainClassifierConfig, *, tukey_lambda: float, support: int, gamma: float, beta: float,
               beta_step: float, head_min_count: int, kd_temperature: float, gbl_s: float, gbl_c: float,
               start: dict[str, Any] | None = None,
               save: Callable[[int, dict[str, Any]], None] | None = None) -> engine.Fitted:

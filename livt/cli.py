@@ -2,6 +2,8 @@
 
     livt pretrain [--data PRESET] [--key value ...]            Masked Generative Pretraining
     livt finetune [--data PRESET] [--method NAME] [...]        fine-tuning (BFT and every method)
+    livt stage2 --method crt --init_classifier FILE [...]      a second stage on a frozen backbone
+    livt evaluate --checkpoint FILE [--data PRESET] [...]      a saved classifier on the test split
     livt compare --data PRESET --methods a,b --seeds 0,1       runs methods x seeds, writes the table
     livt probe ENCODER [--data PRESET] [...]                   kNN / linear-probe accuracy of frozen features
     livt predict CLASSIFIER.safetensors IMAGE [...]            top-k classes of image files
@@ -21,6 +23,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("livt.pretrain", "Masked Generative Pretraining of a ViT encoder (MAE)"),
     "finetune": ("livt.finetune", "fine-tuning: Balanced Fine-Tuning and the other methods"),
+    "stage2": ("livt.stages", "a second stage (cRT, tau-norm, LWS, NCM, MiSLAS, AFG) on a frozen backbone"),
+    "evaluate": ("livt.evaluate", "a saved classifier on the test split (post-hoc, shifted test priors, SADE TTA)"),
     "compare": ("livt.compare", "train / evaluate methods x seeds and write the comparison table"),
     "probe": ("livt.probe", "kNN and linear-probe accuracy of an encoder's frozen features (or random weights)"),
     "predict": ("livt.predict", "top-k predictions of a fine-tuned classifier for image files"),

@@ -12,8 +12,8 @@ Each (method, seed) is one fine-tuning run in its own process (`livt finetune --
 finished there is reused (marked stale when it was made by another commit; `--rerun-stale` runs it again),
 an interrupted one is resumed (`--resume auto`), a failing one (bad method name, crash, non-finite stop) is
 named in the table with its error and the others go on. Methods with a stage 1 (`about.stage1` in the
-recipe: cRT, tau-norm, ...) run it first and start from its classifier (`--init_classifier`); stage-1 runs
-are shared between methods. ViT methods start from `--pretrained` (an encoder file, or `mgp` to run the
+recipe: cRT, tau-norm, ...) run it first and start from its classifier (`livt stage2 ... --init_classifier`);
+stage-1 runs are shared between methods. ViT methods start from `--pretrained` (an encoder file, or `mgp` to run the
 dataset's MGP pretraining first, once) or from scratch; CNN methods always from scratch; `METHOD@scratch`
 forces a ViT method from scratch (the random-initialisation baseline).
 
@@ -144,17 +144,18 @@ class Planner:
         run_dir = config_lib.run_dir(config_lib.parse_args("pretrain", argv), "pretrain")
         return self.add(Job(str(run_dir), argv, stage="pretrain"))
 
-    def finetune_argv(self, method: str, seed: int, balanced: bool, scratch: bool, extra: list[str],
+    def finetune_argv(self, command: str, method: str, seed: int, balanced: bool, scratch: bool, extra: list[str],
                       encoder: str | None) -> list[str]:
+        """The arguments of a row's own run; `command` is finetune, or stage2 for a second-stage recipe (which
+        starts from its stage 1's classifier: --init_classifier, added by `row`)."""
         argv = ["--data", self.args.data, "--method", method, "--seed", str(seed),
                 "--output_dir", self.args.output_dir, *self.shared, *extra]
         if balanced:
             argv += ["--data.balanced", "true"]
         if self.args.epochs:
-            argv += compressed_schedule(config_lib.parse_args("finetune", argv).optim, self.args.epochs)
-        cfg = config_lib.parse_args("finetune", argv)  # a bad method or key fails here, for this row only
-        if not (cfg.from_scratch or cfg.pretrained or cfg.init_classifier or cfg.stage2):  # a second stage
-            # starts from its stage 1's classifier (--init_classifier, added by `row`), nothing else
+            argv += compressed_schedule(config_lib.parse_args(command, argv).optim, self.args.epochs)
+        cfg = config_lib.parse_args(command, argv)  # a bad method or key fails here, for this row only
+        if command == "finetune" and not (cfg.from_scratch or cfg.pretrained):
             if is_cnn(cfg.model.name) or scratch or encoder is None:
                 argv += ["--from_scratch"]
             else:
@@ -171,7 +172,8 @@ class Planner:
         row = Row(label(spec, combo), seed, balanced)
         chain_combo = tuple((k, v) for k, v in combo if k.startswith(CHAIN))
         try:
-            _, _, about, _ = config_lib.read_method(method)
+            _, keys, about, _ = config_lib.read_method(method)
+            command = "stage2" if "stage2" in keys else "finetune"
             chain = []
             if about.get("stage1"):  # stage 1 -> stage 2: the stage-2 run starts from stage 1's classifier
                 stage1 = self.row(f"{about['stage1']}{SCRATCH if scratch else ''}", seed, balanced, deps,
@@ -180,15 +182,15 @@ class Planner:
                     raise RuntimeError(f"stage 1 ({about['stage1']}): {stage1.error}")
                 chain = stage1.jobs
             encoder, pretrain_key = self.encoder(chain_combo)
-            argv = self.finetune_argv(method, seed, balanced, scratch, tokens(combo), encoder)
+            argv = self.finetune_argv(command, method, seed, balanced, scratch, tokens(combo), encoder)
             if chain:
                 argv += ["--init_classifier", str(Path(chain[-1]) / "classifier.safetensors")]
-            argv = self.fit_processes("finetune", argv)
-            cfg = config_lib.parse_args("finetune", argv)
+            argv = self.fit_processes(command, argv)
+            cfg = config_lib.parse_args(command, argv)
             row.cnn = is_cnn(cfg.model.name)
-            run_dir = str(config_lib.run_dir(cfg, "finetune"))
+            run_dir = str(config_lib.run_dir(cfg, command))
             needs = list(deps) + chain[-1:] + ([pretrain_key] if "--pretrained" in argv and pretrain_key else [])
-            row.jobs = chain + [self.add(Job(run_dir, argv, deps=needs))]
+            row.jobs = chain + [self.add(Job(run_dir, argv, stage=command, deps=needs))]
         except (config_lib.ConfigError, ValueError, RuntimeError, OSError) as e:
             row.error = str(e).splitlines()[0][:300]
         return row
@@ -617,9 +619,11 @@ def parse_vary(specs: list[str], data: str) -> list[tuple[tuple[str, str], ...]]
         if key in ("method", "data", "config", "seed", "output_dir", "run_name", "pretrained", "from_scratch",
                    "init_classifier"):
             raise SystemExit(f"livt compare: --vary {spec}: '{key}' is set by the runner; vary a recipe key")
+        classifier = config_lib.flat_fields(config_lib.FinetuneConfig)
+        command = "finetune" if key in classifier or key.startswith("loss.") else "stage2"  # decoupled.*
         for v in vals:
             try:
-                config_lib.check_override("finetune", data, key, v)
+                config_lib.check_override(command, data, key, v)
             except config_lib.ConfigError as e:
                 raise SystemExit(f"livt compare: --vary {spec}: {e}") from None
         axes.append([(key, v) for v in vals])

@@ -1,13 +1,16 @@
-"""Typed run configuration: one dataclass per stage, YAML layers, one override syntax.
+"""Typed run configuration: one dataclass per command (pretrain, finetune, stage2, evaluate), YAML layers,
+one override syntax.
 
 Layers, lowest first, each strict:
-    dataclass defaults < dataset preset (`--data NAME`: configs/<stage>/NAME.yaml; `demo` when absent)
-    < method recipe (`--method NAME`: configs/methods/NAME.yaml, fine-tuning only) < `--config FILE`
-    < `--section.key value` overrides.
+    dataclass defaults < dataset preset (`--data NAME`: configs/pretrain/ or configs/finetune/NAME.yaml;
+    `demo` when absent) < method recipe (`--method NAME`: configs/methods/NAME.yaml; finetune, or stage2 for
+    a recipe that sets `stage2`) < `--config FILE` < `--section.key value` overrides.
 Every key is checked: an unknown key or a value of the wrong type raises `ConfigError` naming the key
 (and the file it came from) and suggesting the closest valid key. The resolved config remembers which
 layer set each non-default value (`sources`), and `config.yaml` records it. A loss's options are its
 function's own keyword arguments (`--loss.s 30`), checked against the loss named (`settle_options`).
+A key with fixed choices is typed `Literal[...]` (a field, or an option's parameter annotation): any other
+value raises at parse time, naming the key, its source and the choices, which `--help` lists.
 
 A method recipe may hold a `by_dataset:` mapping of dataset kind -> keys, applied after its top-level
 keys when `data.dataset` is that kind (e.g. a CNN recipe's ImageNet-LT protocol), and an `about:`
@@ -28,7 +31,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -52,14 +55,27 @@ class ConfigError(ValueError):
 # Fields that may change between a run and its resumption without making it a different run.
 # They are left out of the config hash that names the run directory.
 VOLATILE = {
-    "run_name", "output_dir", "resume", "overwrite", "eval_only", "checkpoint", "debug_kill_at_step",
+    "run_name", "output_dir", "resume", "overwrite", "checkpoint", "debug_kill_at_step",
     "data.num_workers", "data.root", "data.split_dir", "data.download", "log_every",
     "save_every_steps", "save_every_epochs", "keep_last", "test_prior_imbalance", "posthoc", "max_bad_steps",
     "compile", "tta_aggregate", "tta_epochs", "tta_lr", "log_with",
     # the representation monitor only reads the weights: it changes nothing a run trains
     "monitor.every", "monitor.max_train", "monitor.max_val", "monitor.k", "monitor.temperature",
 }
-SELECTION_RULES = ("auto", "best_val", "last")
+
+# Fixed choices of string keys: `coerce` accepts only these (from any layer), `--help` lists them, and the
+# modules that branch on them read the same sets (`typing.get_args`). Registries that grow (losses, heads,
+# backbones, datasets, second stages) are checked against their dicts instead.
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
+Normalize = Literal["given", "from_train"]
+Sampler = Literal["instance", "class_balanced", "sqrt", "progressive"]
+Pipeline = Literal["pil", "fast", "draft"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "step"]
+Crop = Literal["rrc", "pad"]
+Select = Literal["auto", "best_val", "last"]
+SELECTION_RULES = typing.get_args(Select)
 
 
 @dataclass
@@ -106,15 +122,15 @@ class DataConfig:
     """normalisation mean"""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """normalisation std"""
-    normalize: str = "given"
+    normalize: Normalize = "given"
     """normalisation: given (data.mean / data.std) | from_train (per-channel statistics of the training
     images, computed before the run starts and written into its config and weights)"""
     batch_size: int = 64
     """micro-batch per device; accumulation fills optim.batch_size"""
     num_workers: int = 4
     """DataLoader worker processes"""
-    sampler: str = "instance"
-    """training sampler: instance | class_balanced | sqrt | progressive"""
+    sampler: Sampler = "instance"
+    """training sampler"""
     val_from_train: float = 0.0
     """carve a stratified val split of this fraction from train (ceil per class, >= 1 image left in train;
     the class counts are those of what remains); 0 = the dataset's own val split"""
@@ -123,7 +139,7 @@ class DataConfig:
     on_device: bool = False
     """hold the training set on the device as uint8 and crop / flip / normalise batches there, no workers
     (in-memory sets: CIFAR, synthetic; fine-tuning needs aug.rand_augment '', aug.reprob 0)"""
-    pipeline: str = "pil"
+    pipeline: Pipeline = "pil"
     """training images (livt.data.transforms.TrainTransform; not with on_device): pil (Pillow, the torchvision
     / timm transforms: the reference, the default, bit for bit the runs made so far) | fast (the same draws
     and ops; the crop drawn from the file's header, resized by torch's Pillow-compatible bicubic: within one
@@ -169,8 +185,8 @@ class MAEConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    """optimizer: adamw | sgd"""
+    name: Optimizer = "adamw"
+    """optimizer"""
     epochs: int = 800
     """training epochs"""
     warmup_epochs: float = 40.0
@@ -181,7 +197,7 @@ class OptimConfig:
     """base lr; lr = blr x effective batch / 256 (unless optim.lr is set)"""
     lr: float = 0.0
     """absolute peak lr, not scaled by the batch (0 = from blr)"""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """lr after warmup: cosine (half-cycle to min_lr) | step (x step_gamma at each of step_epochs)"""
     step_epochs: tuple[int, ...] = (160, 180)
     """epochs at which the step schedule multiplies the lr by step_gamma"""
@@ -221,7 +237,7 @@ class LossConfig:
 
 @dataclass
 class AugConfig:
-    crop: str = "rrc"
+    crop: Crop = "rrc"
     """training crop: rrc (RandomResizedCrop over crop_scale, timm) | pad (pad by `pad`, random crop: CIFAR)"""
     pad: int = 4
     """padding of the pad crop"""
@@ -273,8 +289,8 @@ class RunConfig:
     """run directory name (default: <stage>-<data>-<model>-<config hash>)"""
     seed: int = 0
     """seed of initialisation, data order and augmentation"""
-    precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"""
+    precision: Precision = "auto"
+    """mixed precision; auto = bf16 on GPU, fp32 on CPU"""
     resume: str = ""
     """'auto' = latest training state in the run directory, or a state directory"""
     overwrite: bool = False
@@ -291,8 +307,8 @@ class RunConfig:
     """consecutive non-finite steps before the run saves and stops"""
     compile: bool = False
     """torch.compile the model"""
-    log_with: str = "none"
-    """experiment tracker through Accelerate: none | tensorboard | wandb | mlflow (pip install 'livt[NAME]')"""
+    log_with: Tracker = "none"
+    """experiment tracker through Accelerate (pip install 'livt[NAME]')"""
     debug_kill_at_step: int = 0
     """test only: SIGKILL this process at that optimizer step, mid-accumulation"""
 
@@ -309,35 +325,13 @@ class PretrainConfig(RunConfig):
 
 
 @dataclass
-class FinetuneConfig(RunConfig):
+class ClassifierConfig(RunConfig):
+    """Fields shared by the commands that make or read a classifier (finetune, stage2, evaluate)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        epochs=100, warmup_epochs=10.0, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
-        layer_decay=0.75))
     loss: LossConfig = field(default_factory=LossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
-    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
-    method: str = ""
-    """the method recipe this run was built from (set by --method; '' = none)"""
-    select: str = "auto"
-    """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
-    last | auto (best_val when such a val split exists, else last)"""
-    pretrained: str = ""
-    """pretraining .safetensors (encoder or full MAE) to start from"""
-    from_scratch: bool = False
-    """start from random weights (no --pretrained)"""
-    init_classifier: str = ""
-    """fine-tuned classifier .safetensors to start a second stage from (its backbone is frozen)"""
-    stage2: str = ""
-    """second stage on the frozen backbone of --init_classifier: '' (ordinary fine-tuning) | crt | tau_norm |
-    lws | ncm | mislas | afg (see livt.stages.STAGES2)"""
-    eval_only: bool = False
-    """evaluate --checkpoint and exit"""
-    checkpoint: str = ""
-    """fine-tuned .safetensors to evaluate (with --eval_only)"""
-    eval_every: int = 1
-    """epochs between validation passes"""
     test_prior_imbalance: float = 0.0
     """also report forward/backward long-tailed test sets of this imbalance, raw and post-hoc adjusted (0 = off)"""
     tta_aggregate: bool = False
@@ -351,7 +345,56 @@ class FinetuneConfig(RunConfig):
     """also report post-hoc logit adjustment z - tau log pi (tau swept on a held-out val split, else 1)"""
 
 
-STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+@dataclass
+class TrainClassifierConfig(ClassifierConfig):
+    """Fields shared by the commands that train a classifier (finetune, stage2)."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        epochs=100, warmup_epochs=10.0, batch_size=1024, blr=1e-3, min_lr=1e-6, betas=(0.9, 0.99),
+        layer_decay=0.75))
+    method: str = ""
+    """the method recipe this run was built from (set by --method; '' = none)"""
+    select: Select = "auto"
+    """which epoch is reported: best_val (best val top-1; needs a val split that is not the test split) |
+    last | auto (best_val when such a val split exists, else last)"""
+    eval_every: int = 1
+    """epochs between validation passes"""
+
+
+@dataclass
+class FinetuneConfig(TrainClassifierConfig):
+    """`livt finetune`: a classifier from a pretrained encoder or from scratch."""
+
+    pretrained: str = ""
+    """pretraining .safetensors (encoder or full MAE) to start from"""
+    from_scratch: bool = False
+    """start from random weights (no --pretrained)"""
+
+
+@dataclass
+class Stage2Config(TrainClassifierConfig):
+    """`livt stage2`: a second stage on the frozen backbone of a fine-tuned classifier."""
+
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    init_classifier: str = ""
+    """fine-tuned classifier .safetensors to start from (its backbone is frozen)"""
+    stage2: str = ""
+    """the second stage (set by a second-stage --method recipe): crt | tau_norm | lws | ncm | mislas | afg
+    (see livt.stages.STAGES2)"""
+
+
+@dataclass
+class EvaluateConfig(ClassifierConfig):
+    """`livt evaluate`: a saved classifier on the test split of `data`."""
+
+    checkpoint: str = ""
+    """fine-tuned .safetensors to evaluate"""
+
+
+STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "stage2": Stage2Config, "evaluate": EvaluateConfig}
+# the folder of a command's dataset presets (configs/<folder>/); the classifier commands share fine-tuning's
+PRESET_DIRS = {"pretrain": "pretrain", "finetune": "finetune", "stage2": "finetune", "evaluate": "finetune"}
+METHOD_COMMANDS = ("finetune", "stage2")  # the commands that take --method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,12 +436,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) if not typing.get_args(tp) else str(tp).replace("typing.", "")
 
 
+def choices(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a `Literal[...]` type, () for any other type."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
 def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Check `value` against the field type, converting strings from the command line."""
     def bad() -> ConfigError:
         return ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
 
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, str) and value in allowed:
+            return value
+        where = f"command line: --{key}" if source.startswith("--") else f"{source}: key '{key}'"
+        raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -674,7 +728,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def presets(stage: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIG_DIR / PRESET_DIRS[stage]).glob("*.yaml"))
 
 
 def shown(path: Path) -> str:
@@ -686,7 +740,7 @@ def shown(path: Path) -> str:
 
 
 def preset_path(stage: str, name: str) -> Path:
-    path = CONFIG_DIR / stage / f"{name}.yaml"
+    path = CONFIG_DIR / PRESET_DIRS[stage] / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"--data: no preset '{name}' for {stage}; choose one of {', '.join(presets(stage))}")
     return path
@@ -733,11 +787,10 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
     """The config of `stage` from its layers (module docstring); each layer is strict."""
     cfg = STAGES[stage]()
     preset = preset_path(stage, data or "demo")
-    layers: list[tuple[dict[str, Any], str]] = [(load_yaml(preset), shown(preset))]
+    layers: list[tuple[dict[str, Any], str]] = [(preset_keys(stage, preset), shown(preset))]
     if method:
-        if stage != "finetune":
-            raise ConfigError("--method: method recipes are fine-tuning recipes (finetune_bft.py / livt finetune)")
         path, keys, _, by_dataset = read_method(method)
+        check_method_command(stage, method, path, keys)
         layers.append(({**keys, "method": path.stem}, shown(path)))
         by_dataset_at = len(layers)
     if config:
@@ -758,6 +811,28 @@ def resolve(stage: str, data: str | None = None, method: str | None = None, conf
     for key, value in sorted(overrides, key=lambda kv: kv[0] not in names):
         update(cfg, {key: value}, f"--{key}")
     return cfg
+
+
+def preset_keys(stage: str, path: Path) -> dict[str, Any]:
+    """A dataset preset's keys for `stage`: a preset of fine-tuning sets training keys (optim.*) that
+    `livt evaluate` has no use for; those are left out (any other unknown key still raises)."""
+    keys = load_yaml(path)
+    unused = set(flat_fields(STAGES[PRESET_DIRS[stage]])) - set(flat_fields(STAGES[stage]))
+    return {k: v for k, v in keys.items() if k not in unused}
+
+
+def check_method_command(stage: str, method: str, path: Path, keys: dict[str, Any]) -> None:
+    """A recipe that sets `stage2` is run by `livt stage2`, any other fine-tuning recipe by `livt finetune`."""
+    if stage not in METHOD_COMMANDS:
+        raise ConfigError(f"--method: method recipes are fine-tuning recipes, run by `livt finetune` or "
+                          f"`livt stage2`, not `livt {stage}`")
+    if stage == "finetune" and "stage2" in keys:
+        raise ConfigError(f"--method {method}: {shown(path)} is a second stage (stage2: {keys['stage2']}) on a "
+                          f"frozen backbone; run it with `livt stage2 --method {method} --init_classifier "
+                          f"<stage-1 run>/classifier.safetensors`")
+    if stage == "stage2" and "stage2" not in keys:
+        raise ConfigError(f"--method {method}: {shown(path)} sets no stage2, so it is not a second stage; run it "
+                          f"with `livt finetune --method {method}`")
 
 
 # entries config.yaml holds beside the keys (see `save` and engine.write_config)
@@ -813,43 +888,60 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _options_help(table: dict[str, tuple[Any, Any]]) -> str:
+    """'s=30.0, drw_mean=weighted {weighted|plain}': each option's default, and its choices if fixed."""
+    shown = [f"{k}={_show(d)}" + (f" {{{'|'.join(choices(tp))}}}" if choices(tp) else "")
+             for k, (tp, d) in table.items()]
+    return ", ".join(shown) or "none"
+
+
 def help_text(stage: str) -> str:
-    script = "pretrain_mgp.py" if stage == "pretrain" else "finetune_bft.py"
-    method = " [--method NAME]" if stage == "finetune" else ""
+    script = {"pretrain": "pretrain_mgp.py (or livt pretrain)", "finetune": "finetune_bft.py (or livt finetune)"}
+    method = " [--method NAME]" if stage in METHOD_COMMANDS else ""
     lines = [
-        f"usage: {script} (or livt {stage}) [--data PRESET]{method} [--config FILE] [--key value ...]",
+        f"usage: {script.get(stage, f'livt {stage}')} [--data PRESET]{method} [--config FILE] [--key value ...]",
         f"presets (--data, default demo): {', '.join(presets(stage))}",
     ]
-    if stage == "finetune":
-        lines.append(f"methods (--method; livt compare --list): {', '.join(methods())}")
+    if stage in METHOD_COMMANDS:
+        mine = [m for m in methods() if ("stage2" in read_method(m)[1]) == (stage == "stage2")]
+        lines.append(f"methods (--method; livt compare --list): {', '.join(mine)}")
     lines += [
-        "layers, lowest first: defaults < --data < --method < --config < --key value.",
+        f"layers, lowest first: defaults < --data{' < --method' if method else ''} < --config < --key value.",
         "boolean keys may be given alone (--overwrite); '-' and '_' are interchangeable in keys;",
         "lists and tuples are comma-separated (--data.mean 0.5,0.5,0.5).",
         "",
     ]
     cfg = STAGES[stage]()
     current = flatten(to_dict(cfg))
-    for key, (_, doc) in flat_fields(STAGES[stage]).items():
-        lines.append(f"  --{key:<28} {' '.join(doc.split())} [{_show(current[key])}]")
+    for key, (tp, doc) in flat_fields(STAGES[stage]).items():
+        one_of = f" {{{'|'.join(choices(tp))}}}" if choices(tp) else ""
+        lines.append(f"  --{key:<28}{one_of} {' '.join(doc.split())} [{_show(current[key])}]")
     if "loss" in open_sections(cfg):
         from livt.losses import LOSSES
 
         lines += ["", "options of each loss (--loss.<option> value; the function's defaults):"]
         for name in LOSSES:
             table = loss_options(name)
-            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+            lines.append(f"  {name:<22} " + _options_help(table))
     if "decoupled" in open_sections(cfg):
         from livt.stages import STAGES2
 
         lines += ["", "options of each second stage (--stage2 NAME --decoupled.<option> value; the defaults):"]
         for name in STAGES2:
             table = stage2_options(name)
-            lines.append(f"  {name:<22} " + (", ".join(f"{k}={_show(d)}" for k, (_, d) in table.items()) or "none"))
+            lines.append(f"  {name:<22} " + _options_help(table))
     return "\n".join(lines)
 
 
 LAYER_FLAGS = ("data", "method", "config")
+
+
+def _unknown_key(stage: str, key: str, valid: list[str]) -> ConfigError:
+    """An unknown command-line key; one of another command's names that command."""
+    others = [name for name in STAGES if name not in (stage, "pretrain") and key in flat_fields(STAGES[name])]
+    if others and stage != "pretrain":
+        return ConfigError(f"command line: --{key} is a key of `livt {others[0]}`, not of `livt {stage}`")
+    return _unknown(key, valid, "command line")
 
 
 def parse_args(stage: str, argv: list[str]) -> Any:
@@ -857,6 +949,7 @@ def parse_args(stage: str, argv: list[str]) -> Any:
     fields = flat_fields(STAGES[stage])
     named: dict[str, str] = {}
     overrides: list[tuple[str, Any]] = []
+    unknown: ConfigError | None = None  # the first unknown key, raised once a --method recipe had its say
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -870,21 +963,27 @@ def parse_args(stage: str, argv: list[str]) -> Any:
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             is_option = key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1
-            if (is_option or (key in fields and fields[key][0] is bool)) and (nxt is None or nxt.startswith("--")):
+            bare = is_option or (key in fields and fields[key][0] is bool) or not (key in fields or key in LAYER_FLAGS)
+            if bare and (nxt is None or nxt.startswith("--")):
                 value = "true"  # a bare flag: a boolean (an option's type is checked once its function is named)
             elif nxt is None:
                 raise ConfigError(f"command line: --{key} needs a value")
             else:
                 value, i = nxt, i + 1
         i += 1
-        if key in LAYER_FLAGS and not (key == "method" and stage != "finetune"):
+        if key in LAYER_FLAGS and not (key == "method" and stage not in METHOD_COMMANDS):
             if key in named:
                 raise ConfigError(f"command line: --{key} given twice")
             named[key] = value
         elif key in fields or (key.partition(".")[0] in open_sections(STAGES[stage]) and key.count(".") == 1):
             overrides.append((key, value))  # a section's option is checked once its function is named
-        else:
-            raise _unknown(key, list(fields) + list(LAYER_FLAGS), "command line")
+        elif unknown is None:
+            unknown = _unknown_key(stage, key, list(fields) + list(LAYER_FLAGS))
+    if "method" in named:  # `livt finetune --method crt --init_classifier F`: say which command runs crt
+        path, keys, _, _ = read_method(named["method"])
+        check_method_command(stage, named["method"], path, keys)
+    if unknown is not None:
+        raise unknown
     return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
 
 
@@ -899,7 +998,8 @@ def save(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MAEConfig", "OptimConfig", "LossConfig", "AugConfig",
-    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "FinetuneConfig", "parse_args", "from_dict",
+    "DecoupledConfig", "MonitorConfig", "PretrainConfig", "ClassifierConfig", "TrainClassifierConfig",
+    "FinetuneConfig", "Stage2Config", "EvaluateConfig", "parse_args", "from_dict",
     "to_dict", "config_hash", "data_derived", "run_dir", "run_name",
     "update", "load_yaml", "save", "help_text", "flat_fields", "resolve", "methods", "read_method",
     "non_default_sources",

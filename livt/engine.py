@@ -116,8 +116,6 @@ def make_accelerator(precision: str, log_with: str = "none", project_dir: Path |
     """The Accelerator of a run; `log_with` (livt.tracking) logs under `project_dir`, the run directory."""
     mixed = {"auto": "bf16" if torch.cuda.is_available() else "no", "bf16": "bf16", "fp16": "fp16",
              "fp32": "no"}
-    if precision not in mixed:
-        raise config_lib.ConfigError(f"--precision: expected one of {', '.join(mixed)}, got '{precision}'")
     tracker = tracking.check_tracker(log_with)
     return Accelerator(mixed_precision=mixed[precision], log_with=tracker,
                        project_dir=str(project_dir) if project_dir is not None else None)

@@ -1,16 +1,21 @@
 """Evaluation of a classifier on a split: raw, post-hoc adjusted (tau chosen on held-out val), on shifted
 test priors, SADE's transductive rows; and the selection rule (which epoch is reported: best val top-1 where
 the val split is held out, else the last). The test split never chooses anything: tau and the epoch come from
-a held-out val split, else tau is fixed at 1."""
+a held-out val split, else tau is fixed at 1. `livt evaluate` (`main`): a saved classifier on the test split."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from livt import aggregate, engine
 from livt import config as config_lib
-from livt.data import heldout_val
+from livt.checkpoint import load_classifier
+from livt.data import build_dataset, heldout_val, train_class_counts
 from livt.data.loading import Augmented
 from livt.data.transforms import eval_transform
 from livt.metrics import (
@@ -22,6 +27,7 @@ from livt.metrics import (
     posthoc_adjust,
     subsample_to_prior,
 )
+from livt.report import report
 
 
 def predict_split(accelerator, model, cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +92,8 @@ def shifted_prior_rows(logits: torch.Tensor, labels: torch.Tensor, counts: np.nd
     return rows
 
 
-def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]:
+def selection_rule(cfg: config_lib.TrainClassifierConfig, val, test) -> tuple[str, str]:
     """(rule, val split description): which epoch is reported, and what val is."""
-    if cfg.select not in config_lib.SELECTION_RULES:
-        raise config_lib.ConfigError(f"--select: expected one of {', '.join(config_lib.SELECTION_RULES)}, "
-                                     f"got '{cfg.select}'")
     held = heldout_val(val, test)
     what = (f"{cfg.data.val_from_train:g} of train, carved (stratified)" if cfg.data.val_from_train
             else f"{val.name} ({len(val)} images)" if held else "none: val is the test split")
@@ -108,9 +111,66 @@ def selection_rule(cfg: config_lib.FinetuneConfig, val, test) -> tuple[str, str]
     return rule, what
 
 
-def check_tta(cfg: config_lib.FinetuneConfig) -> None:
+def check_evaluation(cfg: config_lib.ClassifierConfig) -> None:
+    """The evaluation keys every classifier command shares, checked before anything runs (the head of a
+    saved checkpoint is known once it is loaded)."""
+    if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
+        raise config_lib.ConfigError(
+            f"--test_prior_imbalance: expected 0 (off) or an imbalance >= 1, got {cfg.test_prior_imbalance}")
     if cfg.tta_aggregate and cfg.tta_epochs < 1:
         raise config_lib.ConfigError(f"--tta_epochs: expected >= 1 with --tta_aggregate, got {cfg.tta_epochs}")
-    if cfg.tta_aggregate and not cfg.eval_only and cfg.model.head != "sade":
+    if cfg.tta_aggregate and not isinstance(cfg, config_lib.EvaluateConfig) and cfg.model.head != "sade":
         raise config_lib.ConfigError(f"--tta_aggregate: the test-time aggregation weighs experts; it needs "
                                      f"--model.head sade, not '{cfg.model.head}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# `livt evaluate`
+
+
+def end_run(cfg: config_lib.ClassifierConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
+            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any] | None, info: dict[str, Any] | None,
+            posthoc: bool = True, trained_with: str | None = None, label: str | None = None) -> None:
+    """The end of a run (fine-tuning, every second stage, `--eval_only`): the saved, reported `model` evaluated on
+    test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
+    recorded, the results files written. `trained_with`: the loss the model was trained with (default this
+    run's); `label`: the results table's row (default the method, test)."""
+    tau = posthoc_tau(accelerator, model, cfg, val, test, counts) if posthoc else None
+    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with or cfg.loss.name, tau, final=True)
+    results["selection"] = selection
+    if budget is not None:
+        results["budget"] = budget
+    results.update(info or {})
+    label = label or f"{getattr(cfg, 'stage2', '') or cfg.loss.name}, test"  # a second stage, else the loss
+    report(accelerator, run_dir, results, test.class_names, counts, label, cfg)
+    # every rank done before the process group is destroyed: a rank that left while rank 0 still wrote
+    # its results has aborted in gloo's teardown (SIGABRT after "Results in ...")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def evaluate_checkpoint(cfg: config_lib.EvaluateConfig) -> Path:
+    """`livt evaluate --checkpoint FILE`: the test split of `cfg.data`, counts from the train split or
+    from `data.class_counts_file`."""
+    check_evaluation(cfg)
+    if not cfg.checkpoint:
+        raise config_lib.ConfigError("livt evaluate needs --checkpoint FILE.safetensors")
+    accelerator, run_dir = engine.start(cfg, "eval")
+    model, meta = load_classifier(cfg.checkpoint)
+    model.to(accelerator.device)
+    counts = train_class_counts(cfg.data)
+    if meta.get("arch", {}).get("num_classes") not in (None, len(counts)):
+        raise config_lib.ConfigError(
+            f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
+    model = accelerator.prepare(model)
+    test = build_dataset(cfg.data, "test")
+    trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
+    val = build_dataset(cfg.data, "val") if cfg.posthoc else None  # for post-hoc tau only
+    selection = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used", "select": "n/a"}
+    end_run(cfg, accelerator, run_dir, model, val, test, counts, selection, None, None, trained_with=trained_with,
+            label=Path(cfg.checkpoint).name)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return evaluate_checkpoint(config_lib.parse_args("evaluate", sys.argv[1:] if argv is None else argv))

@@ -1,5 +1,6 @@
-"""Fine-tuning: Balanced Fine-Tuning (stage 2 of LiVT) and every fine-tuning method, second stages on a
-frozen backbone (`--stage2`, `livt.stages`), and evaluation of saved classifiers (`--eval_only`).
+"""`livt finetune`: Balanced Fine-Tuning (stage 2 of LiVT) and every fine-tuning method, from a pretrained
+encoder or from scratch. Second stages on a frozen backbone are `livt stage2` (`livt.stages`), the evaluation
+of a saved classifier `livt evaluate` (`livt.evaluate`).
 
 Training is `livt.tuning`'s, evaluation `livt.evaluate`'s, the results files `livt.report`'s. Outputs in
 the run directory: classifier.safetensors (reported), classifier_last.safetensors, test_results.{json,md},
@@ -15,28 +16,21 @@ from pathlib import Path
 import torch
 
 from livt import config as config_lib
-from livt import engine, stages
-from livt.checkpoint import check_pretrained_matches, load_classifier, load_encoder, load_file_with_meta
-from livt.data import build_dataset, resolve_normalization, train_class_counts
+from livt import engine
+from livt.checkpoint import check_pretrained_matches, load_encoder, load_file_with_meta
+from livt.data import build_dataset, resolve_normalization
 from livt.data.loading import train_data
 from livt.data.stats import class_counts, describe
-from livt.evaluate import check_tta, selection_rule
+from livt.evaluate import check_evaluation, selection_rule
 from livt.export import pretrained_cfg
 from livt.models import Adapter, build_classifier, build_model, is_cnn
 from livt.models.sade import SADEClassifier
-from livt.tuning import classifier_forward, end_run, fit_and_report
+from livt.tuning import classifier_forward, fit_and_report
 
 
 def run(cfg: config_lib.FinetuneConfig) -> Path:
-    if cfg.test_prior_imbalance and cfg.test_prior_imbalance < 1:
-        raise config_lib.ConfigError(
-            f"--test_prior_imbalance: expected 0 (off) or an imbalance >= 1, got {cfg.test_prior_imbalance}")
-    check_tta(cfg)
-    if cfg.eval_only:
-        return evaluate_checkpoint(cfg)
+    check_evaluation(cfg)
     resolve_normalization(cfg)  # recorded in config.yaml; not part of the run's name (config.data_derived)
-    if cfg.stage2 or cfg.init_classifier:  # a second stage sees the images as its stage 1 did
-        return stages.run_stage2(cfg)
     if bool(cfg.pretrained) == cfg.from_scratch:
         raise config_lib.ConfigError(
             "finetune: give exactly one of --pretrained FILE.safetensors or --from_scratch")
@@ -79,28 +73,6 @@ def load_pretrained(model: torch.nn.Module, path: str) -> None:
         model.load_vit(vit)
     else:
         load_encoder(getattr(model, "backbone", model), path)
-
-
-def evaluate_checkpoint(cfg: config_lib.FinetuneConfig) -> Path:
-    """`--eval_only --checkpoint FILE`: the test split of `cfg.data`, counts from the train split or
-    from `data.class_counts_file`."""
-    if not cfg.checkpoint:
-        raise config_lib.ConfigError("--eval_only needs --checkpoint FILE.safetensors")
-    accelerator, run_dir = engine.start(cfg, "eval")
-    model, meta = load_classifier(cfg.checkpoint)
-    model.to(accelerator.device)
-    counts = train_class_counts(cfg.data)
-    if meta.get("arch", {}).get("num_classes") not in (None, len(counts)):
-        raise config_lib.ConfigError(
-            f"{cfg.checkpoint} has {meta['arch']['num_classes']} classes, the data {len(counts)}")
-    model = accelerator.prepare(model)
-    test = build_dataset(cfg.data, "test")
-    trained_with = meta.get("config", {}).get("loss", {}).get("name", cfg.loss.name)
-    val = build_dataset(cfg.data, "val") if cfg.posthoc else None  # for post-hoc tau only
-    selection = {"rule": "given checkpoint", "epoch": meta.get("best_epoch"), "val": "not used", "select": "n/a"}
-    end_run(cfg, accelerator, run_dir, model, val, test, counts, selection, None, None, trained_with=trained_with,
-            label=Path(cfg.checkpoint).name)
-    return run_dir
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -83,7 +83,7 @@ def classify(jobs: dict[str, Job], commit: str | None, rerun_stale: bool) -> Non
     `rerun_stale` it runs again, --overwrite), an interrupted one resumes from its last saved state."""
     for job in jobs.values():
         if job.done_file.is_file():
-            stale = job.stage == "finetune" and is_stale(results_of(job.key) or {}, commit)
+            stale = job.stage != "pretrain" and is_stale(results_of(job.key) or {}, commit)
             job.note = "stale: another commit" if stale else ""
             if stale and rerun_stale:
                 job.argv, job.note = [*job.argv, "--overwrite"], "stale: another commit, run again"

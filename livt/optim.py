@@ -9,14 +9,16 @@ step count, never a scheduler state. Schedules: per-step linear warmup, then a h
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any
 
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step")
+from livt.config import Optimizer, Schedule
+
+OPTIMIZERS, SCHEDULES = typing.get_args(Optimizer), typing.get_args(Schedule)
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,

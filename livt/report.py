@@ -147,14 +147,15 @@ def model_card(run_dir: Path, cfg: Any, results: dict, info: dict, counts: np.nd
     """The card's Markdown text: YAML front matter (library_name, tags, datasets, metrics, pipeline_tag), then
     the model, the data, the method, a config summary (every non-default key and the layer that set it), the
     results with the selection rule and budget, the figures, how to load the weights, and provenance."""
-    about = _about(cfg.method)
+    recipe = getattr(cfg, "method", "")  # `livt evaluate` names none
+    about = _about(recipe)
     timm_loadable = cfg.model.name in VIT_SIZES and cfg.model.head == "linear"
     front = {"library_name": "timm" if timm_loadable else "pytorch",
              "tags": ["image-classification", "long-tailed-recognition", "livt", cfg.model.name, cfg.loss.name]
-             + ([cfg.method] if cfg.method else []),
+             + ([recipe] if recipe else []),
              "datasets": [cfg.data.dataset], "metrics": ["accuracy"], "pipeline_tag": "image-classification"}
     d = cfg.data
-    method = cfg.method or "none (config keys only)"
+    method = recipe or "none (config keys only)"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {run_dir.name}", "",
              f"A {cfg.model.name} classifier ({cfg.model.head} head, patch {cfg.model.patch_size}, "
              f"{d.img_size} px) trained with livt, method `{method}`, loss `{cfg.loss.name}`.", "",
@@ -168,8 +169,9 @@ def model_card(run_dir: Path, cfg: Any, results: dict, info: dict, counts: np.nd
              "## Method", "", f"- method: `{method}`"]
     if about:
         lines += [f"- {k}: {v}" for k, v in about.items()]
-    lines += [f"- loss: `{cfg.loss.name}`, sampler `{d.sampler}`, optimizer `{cfg.optim.name}`, "
-              f"{cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}", "",
+    training = (f", optimizer `{cfg.optim.name}`, {cfg.optim.epochs} epochs, batch {cfg.optim.batch_size}"
+                if hasattr(cfg, "optim") else "")
+    lines += [f"- loss: `{cfg.loss.name}`, sampler `{d.sampler}`{training}", "",
               "## Config summary", "", "Every key that differs from livt's defaults, and the layer that set it "
               "(the full resolved config is `config.yaml`):", "", "| key | value | set by |", "|---|---|---|"]
     current = config_lib.flatten(config_lib.to_dict(cfg))
@@ -204,15 +206,15 @@ def write_model_card(run_dir: str | Path, cfg: Any, results: dict, info: dict, c
 # The end of a run
 
 
-def run_info(cfg: config_lib.FinetuneConfig, run_dir: Path) -> dict[str, Any]:
+def run_info(cfg: config_lib.ClassifierConfig, run_dir: Path) -> dict[str, Any]:
     """What every results file records besides the metrics: the run, its method and seed, and provenance."""
-    return {"run": run_dir.name, "method": cfg.method, "loss": cfg.loss.name, "model": cfg.model.name,
+    return {"run": run_dir.name, "method": getattr(cfg, "method", ""), "loss": cfg.loss.name, "model": cfg.model.name,
             "dataset": cfg.data.dataset, "seed": cfg.seed, "config_hash": config_lib.config_hash(cfg),
             "provenance": engine.provenance()}
 
 
 def report(accelerator, run_dir: Path, results: dict, class_names, counts, label: str,
-           cfg: config_lib.FinetuneConfig) -> None:
+           cfg: config_lib.ClassifierConfig) -> None:
     if accelerator.is_main_process:
         shifted = results.pop("shifted", None)
         keys = ("selection", "budget", "posthoc", "transductive", "stage2")

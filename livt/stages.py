@@ -1,8 +1,8 @@
 """Second stages on a frozen backbone: the decoupled classifiers of Kang et al. (ICLR 2020: cRT, tau-norm,
 LWS, NCM) and MiSLAS's classifier re-training (Zhong et al., CVPR 2021).
 
-    livt finetune --data tiny --method ce --from_scratch --run_name s1                              # stage 1
-    livt finetune --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
+    livt finetune --data tiny --method ce --from_scratch --run_name s1                            # stage 1
+    livt stage2 --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
     (seconds each on a CPU)
 
 A second stage starts from a fine-tuned classifier file (`--init_classifier`; any timm-style backbone:
@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ from torch import Tensor, nn
 from livt import config as config_lib
 from livt import engine, evaluate, tuning
 from livt.checkpoint import arch_of, check_pretrained_matches, load_classifier, save_model
-from livt.data import build_dataset, heldout_val
+from livt.data import build_dataset, heldout_val, resolve_normalization
 from livt.data.loading import Augmented, train_data
 from livt.data.stats import class_counts, describe
 from livt.data.transforms import eval_transform
@@ -97,21 +99,21 @@ class ClassScales(nn.Module):
 # runs, the module to optimise)); `shift_bn`: BatchNorm statistics re-estimated (module docstring)
 
 
-def new_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
+def new_head(model: nn.Module, cfg: config_lib.Stage2Config, *,
              shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     head = build_head(cfg.model.head, model.num_features, model.num_classes, cfg.model.head_scale)
     set_head(model, head)
     return Adapter(model, frozen=True, shift_bn=shift_bn), head
 
 
-def learned_scales(model: nn.Module, cfg: config_lib.FinetuneConfig, *,
+def learned_scales(model: nn.Module, cfg: config_lib.Stage2Config, *,
                    shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
     scaled = ClassScales(model.get_classifier())
     set_head(model, scaled)
     return Adapter(model, frozen=True, shift_bn=shift_bn), scaled
 
 
-def scaled_stage1_head(model: nn.Module, cfg: config_lib.FinetuneConfig, *, shift_bn: bool = False,
+def scaled_stage1_head(model: nn.Module, cfg: config_lib.Stage2Config, *, shift_bn: bool = False,
                        head_lr_scale: float = 1.0) -> tuple[nn.Module, nn.Module]:
     if head_lr_scale <= 0:
         raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {head_lr_scale}")
@@ -134,7 +136,7 @@ def fold_scales(model: nn.Module) -> nn.Module:
 # engine.Fitted: head, selection, log rows, budget)
 
 
-def features(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, dataset) -> tuple[Tensor, Tensor]:
+def features(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, dataset) -> tuple[Tensor, Tensor]:
     """(features (N, D) float32, labels (N,)) of every image of `dataset` through the evaluation transform."""
     d = cfg.data
     data = Augmented(dataset, eval_transform(d.img_size, d.mean, d.std, d.eval_crop), cfg.seed, d.skip_bad_images)
@@ -173,7 +175,7 @@ def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
     return best["tau"], rows
 
 
-def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *,
+def tau_norm(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, run_dir: Path, train, val, *,
              tau_min: float = 0.0, tau_max: float = 2.0, tau_steps: int = 21) -> engine.Fitted:
     """tau swept over tau_steps evenly spaced values in [tau_min, tau_max] (21: steps of 0.1 over [0, 2])."""
     weight = model.get_classifier().weight.detach().float().cpu()
@@ -187,7 +189,8 @@ def tau_norm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_
                          {"epochs": 0, "steps": 0, "images_seen": len(val)})
 
 
-NCM_METRICS = ("l2", "cosine")
+NcmMetric = Literal["l2", "cosine"]
+NCM_METRICS = typing.get_args(NcmMetric)
 
 
 def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -196,7 +199,7 @@ def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return sums / torch.bincount(labels, minlength=num_classes)[:, None]
 
 
-def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale: float) -> nn.Module:
+def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: NcmMetric, scale: float) -> nn.Module:
     """The NCM head of `metric` (decoupled.ncm_metric) from training features (N, D) and labels (N,)."""
     if metric == "l2":  # the official `cl2n` centroids: class means of the centred, normalised features
         head, mean = NCMHead(feats.shape[1], num_classes, scale), feats.mean(0)
@@ -214,8 +217,8 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: str, scale
     return head
 
 
-def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *,
-        ncm_metric: str = "l2") -> engine.Fitted:
+def ncm(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, run_dir: Path, train, val, *,
+        ncm_metric: NcmMetric = "l2") -> engine.Fitted:
     """`ncm_metric`: l2 (the official code's) | cosine (the paper's wording), see `ncm_head`."""
     feats, labels = features(accelerator, model, cfg, train)
     head = ncm_head(feats, labels, model.num_classes, ncm_metric, cfg.model.head_scale)
@@ -223,7 +226,7 @@ def ncm(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: 
                          {"epochs": 0, "steps": 0, "images_seen": len(train)})
 
 
-def afg(accelerator, model: nn.Module, cfg: config_lib.FinetuneConfig, run_dir: Path, train, val, *, tukey: float = 0.5,
+def afg(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, run_dir: Path, train, val, *, tukey: float = 0.5,
         support: int = 2, gamma: float = 0.0, beta: float = 0.6, beta_step: float = 0.05, head_min_count: int = 101,
         kd_temperature: float = 1.0, gbl_s: float = 1.0, gbl_c: float = 2.0) -> engine.Fitted:
     """GLAG stage 2 (livt.afg): the stage-1 head re-trained on real + generated features. Options: Tukey power
@@ -263,7 +266,7 @@ class SecondStage:
     livt.config)."""
 
     summary: str
-    trainable: Callable[[nn.Module, config_lib.FinetuneConfig], nn.Module] | None = None
+    trainable: Callable[[nn.Module, config_lib.Stage2Config], nn.Module] | None = None
     solve: Callable[..., engine.Fitted] | None = None
     export: Callable[[nn.Module], nn.Module] = lambda m: m
     linear_head: bool = False
@@ -289,22 +292,22 @@ STAGES2: dict[str, SecondStage] = {
 
 
 def options(name: str) -> dict[str, tuple[type, object]]:
-    """{option: (type, default)} of the second stage `name`: the keyword-only parameters of its function."""
-    stage = STAGES2[name]
-    params = inspect.signature(stage.trainable or stage.solve).parameters.values()
-    return {p.name: (type(p.default), p.default) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """{option: (type, default)} of the second stage `name`: the keyword-only parameters of its function,
+    typed by the default (Literal choices by the annotation)."""
+    fn = STAGES2[name].trainable or STAGES2[name].solve
+    hints = typing.get_type_hints(fn)
+    return {p.name: (hints[p.name] if typing.get_origin(hints.get(p.name)) is Literal else type(p.default),
+                     p.default)
+            for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
-    if cfg.stage2 not in STAGES2:
-        raise config_lib.ConfigError(f"--stage2: no second stage '{cfg.stage2}'; choose one of {', '.join(STAGES2)}"
-                                     + ("" if cfg.stage2 else " (with --init_classifier)"))
+def check_request(cfg: config_lib.Stage2Config) -> SecondStage:
+    if not cfg.stage2:
+        raise config_lib.ConfigError(f"livt stage2: name the second stage with a recipe (--method crt, ...) or "
+                                     f"--stage2 NAME ({', '.join(STAGES2)})")
     if not cfg.init_classifier:
         raise config_lib.ConfigError(
             f"--stage2 {cfg.stage2}: needs --init_classifier <stage-1 run>/classifier.safetensors")
-    if cfg.pretrained or cfg.from_scratch:
-        raise config_lib.ConfigError(f"--stage2 {cfg.stage2} starts from --init_classifier only; drop "
-                                     f"--pretrained / --from_scratch")
     stage = STAGES2[cfg.stage2]
     if stage.trainable is not None and cfg.optim.layer_decay != 1.0:
         raise config_lib.ConfigError(f"--stage2 {cfg.stage2} trains only the head: --optim.layer_decay must be 1, "
@@ -312,7 +315,7 @@ def check_request(cfg: config_lib.FinetuneConfig) -> SecondStage:
     return stage
 
 
-def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, num_classes: int,
+def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.Stage2Config, num_classes: int,
                  counts: np.ndarray) -> None:
     """The stage-1 file must fit this stage's data: its classes, resolution, backbone and val carve."""
     path, d, arch = cfg.init_classifier, cfg.data, meta.get("arch", {})
@@ -335,7 +338,7 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.FinetuneConfig, n
                                      f"{type(model.get_classifier()).__name__}")
 
 
-def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: nn.Module, train,
+def build_trainer(cfg: config_lib.Stage2Config, accelerator, run_dir: Path, model: nn.Module, train,
                   counts: np.ndarray) -> engine.Trainer:
     """The Trainer of a trained second stage: `model`'s backbone frozen, its head set up by the method,
     the recipe's loss on augmented training images through the backbone."""
@@ -347,10 +350,13 @@ def build_trainer(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, mo
                           tuning.classifier_forward(cfg, counts, train.num_classes), optimize=optimize)
 
 
-def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
-    """The second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module docstring)."""
+def run_stage2(cfg: config_lib.Stage2Config) -> Path:
+    """`livt stage2`: the second stage `cfg.stage2` on the frozen backbone of `cfg.init_classifier` (module
+    docstring)."""
+    evaluate.check_evaluation(cfg)
+    resolve_normalization(cfg)  # a second stage sees the images as its stage 1 did
     stage = check_request(cfg)
-    accelerator, run_dir = engine.start(cfg, "finetune")
+    accelerator, run_dir = engine.start(cfg, "stage2")
     d = cfg.data
     train, val, test = (build_dataset(d, split) for split in ("train", "val", "test"))
     counts = class_counts(train.targets, train.num_classes)
@@ -378,7 +384,7 @@ def run_stage2(cfg: config_lib.FinetuneConfig) -> Path:
     return run_dir
 
 
-def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, accelerator, run_dir: Path,
+def solve_and_report(cfg: config_lib.Stage2Config, stage: SecondStage, accelerator, run_dir: Path,
                      model: nn.Module, train, val, test, counts: np.ndarray, meta: dict[str, Any],
                      info: dict[str, Any]) -> Path:
     """A second stage without training: the head from features, saved and evaluated on test once."""
@@ -407,3 +413,7 @@ def solve_and_report(cfg: config_lib.FinetuneConfig, stage: SecondStage, acceler
     tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
                    {**fitted.budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return run_stage2(config_lib.parse_args("stage2", sys.argv[1:] if argv is None else argv))

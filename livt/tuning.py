@@ -16,9 +16,8 @@ from livt import engine
 from livt.checkpoint import arch_of, load_file_with_meta, save_model
 from livt.data.stats import read_class_counts
 from livt.data.transforms import TargetMaker
-from livt.evaluate import evaluate_split, posthoc_tau
+from livt.evaluate import end_run, evaluate_split
 from livt.losses import LOSSES, Criterion, build_loss, signature
-from livt.report import report
 
 
 def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
@@ -31,7 +30,7 @@ def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
     return build_loss(cfg.name, counts, **options)
 
 
-def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray,
+def classifier_forward(cfg: config_lib.TrainClassifierConfig, counts: np.ndarray,
                        num_classes: int) -> Callable[[torch.nn.Module, engine.Batch, float], torch.Tensor]:
     """`forward(net, batch, progress) -> loss` of classifier training (ordinary fine-tuning, a trained second
     stage, the benchmark): the recipe's loss on mixup / smoothed targets at training progress `progress`."""
@@ -44,7 +43,7 @@ def classifier_forward(cfg: config_lib.FinetuneConfig, counts: np.ndarray,
     return forward
 
 
-def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, trainer: engine.Trainer,
+def fit_and_report(cfg: config_lib.TrainClassifierConfig, accelerator, run_dir: Path, trainer: engine.Trainer,
                    classifier: Callable[[], torch.nn.Module], rule: str, val_split: str, val, test,
                    counts: np.ndarray, meta: dict[str, Any],
                    export: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
@@ -91,24 +90,3 @@ def fit_and_report(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, t
               "images_seen": trainer.state.step * trainer.plan.micro_batch * trainer.plan.accum * trainer.plan.world,
               "train_seconds": round(trainer.state.train_seconds, 1)}
     end_run(cfg, accelerator, run_dir, reported, val, test, counts, selection, budget, info)
-
-
-def end_run(cfg: config_lib.FinetuneConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
-            counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any] | None, info: dict[str, Any] | None,
-            posthoc: bool = True, trained_with: str | None = None, label: str | None = None) -> None:
-    """The end of a run (fine-tuning, every second stage, `--eval_only`): the saved, reported `model` evaluated on
-    test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
-    recorded, the results files written. `trained_with`: the loss the model was trained with (default this
-    run's); `label`: the results table's row (default the method, test)."""
-    tau = posthoc_tau(accelerator, model, cfg, val, test, counts) if posthoc else None
-    results = evaluate_split(accelerator, model, cfg, test, counts, trained_with or cfg.loss.name, tau, final=True)
-    results["selection"] = selection
-    if budget is not None:
-        results["budget"] = budget
-    results.update(info or {})
-    report(accelerator, run_dir, results, test.class_names, counts, label or f"{cfg.stage2 or cfg.loss.name}, test",
-           cfg)
-    # every rank done before the process group is destroyed: a rank that left while rank 0 still wrote
-    # its results has aborted in gloo's teardown (SIGABRT after "Results in ...")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()

@@ -1,6 +1,6 @@
 """CNN backbones on their own recipe: ResNet-32 (option-A shortcuts), timm ResNet-50 / ResNeXt-50 on the
 meta device, the CNN recipes value by value, the step schedule and SGD decay-all, the pad crop, the CNN
-hand-off file and a short end-to-end run with --eval_only on its classifier."""
+hand-off file and a short end-to-end run with `livt evaluate` on its classifier."""
 
 import json
 
@@ -12,7 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from livt import config as c
-from livt import finetune
+from livt import evaluate, finetune
 from livt.checkpoint import CheckpointError, arch_of, load_classifier, load_encoder, save_model
 from livt.data.transforms import finetune_transform
 from livt.engine import Plan
@@ -239,7 +239,7 @@ def test_short_resnet32_run_learns_and_its_classifier_evaluates(tmp_path):
     assert results["top1"] >= 20.0  # twice chance (10 classes)
     # the hand-off file evaluates to the same numbers
     AcceleratorState._reset_state(reset_partial_state=True)
-    eval_dir = finetune.main([*data, "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors"),
+    eval_dir = evaluate.main([*data, "--checkpoint", str(run_dir / "classifier.safetensors"),
                               "--output_dir", str(tmp_path / "out"), "--run_name", "eval"])
     again = json.loads((eval_dir / "test_results.json").read_text())
     assert again["top1"] == results["top1"] and again["selection"]["rule"] == "given checkpoint"

@@ -91,8 +91,9 @@ def test_every_row_finishes(calls, name):
     assert len(pretrain) == 1  # one pretraining run, in the directory the runner planned
     vit_rows = [e for e in table if not e["method"].endswith("@scratch") and e["method"] != "resnet_ce"]
     for e in vit_rows:  # every ViT row started from that encoder (its stage 1 for a second stage)
-        cfg = config.from_dict("finetune", yaml.safe_load((Path(e["run_dirs"][0]) / "config.yaml").read_text()))
-        if not cfg.init_classifier:
+        doc = yaml.safe_load((Path(e["run_dirs"][0]) / "config.yaml").read_text())
+        cfg = config.from_dict("stage2" if doc.get("stage2") else "finetune", doc)
+        if not getattr(cfg, "init_classifier", ""):
             assert cfg.pretrained == str(pretrain[0] / "encoder.safetensors")
         if "from_train" in CALLS[name][1]:  # the resolved statistics are recorded, not the preset's
             assert cfg.data.mean != config.DataConfig().mean

@@ -28,7 +28,7 @@ def test_override_types():
     assert cfg.data.mean == (0.1, 0.2, 0.3)
     assert cfg.overwrite is True and cfg.seed == 3 and cfg.mae.norm_pix_loss is False
     assert cfg.optim.warmup_epochs == 2.0 and isinstance(cfg.optim.warmup_epochs, float)
-    assert c.parse_args("finetune", ["--eval-only", "--checkpoint", "x"]).eval_only is True
+    assert c.parse_args("evaluate", ["--tta-aggregate", "--checkpoint", "x"]).tta_aggregate is True
 
 
 def test_unknown_key_names_it_and_suggests():
@@ -121,3 +121,64 @@ def test_loss_options_enter_the_hash_given_or_default(tmp_path):
     assert saved["loss"]["s"] == 20.0 and "options" not in saved["loss"]
     again = c.from_dict("finetune", saved)
     assert again == other and c.config_hash(again) == c.config_hash(other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed choices (Literal types) checked at parse time
+
+
+@pytest.mark.parametrize("argv, key, allowed", [
+    (["--precision", "fp8"], "precision", "auto, bf16, fp16, fp32"),
+    (["--log_with", "neptune"], "log_with", "none, tensorboard, wandb, mlflow"),
+    (["--select", "best"], "select", "auto, best_val, last"),
+    (["--data.pipeline", "turbo"], "data.pipeline", "pil, fast, draft"),
+    (["--data.normalize", "imagenet"], "data.normalize", "given, from_train"),
+    (["--data.sampler", "balanced"], "data.sampler", "instance, class_balanced, sqrt, progressive"),
+    (["--aug.crop", "random"], "aug.crop", "rrc, pad"),
+    (["--optim.name", "adam"], "optim.name", "adamw, sgd"),
+    (["--optim.schedule", "linear"], "optim.schedule", "cosine, step"),
+    (["--method", "ldam", "--loss.drw_mean", "mean"], "loss.drw_mean", "weighted, plain"),
+    (["--loss.name", "bal_bce", "--loss.variant", "eq9"], "loss.variant", "eq10, eq6"),
+    (["--method", "mislas", "--init_classifier", "x", "--loss.shape", "cubic"], "loss.shape",
+     "concave, linear, convex"),
+    (["--method", "mislas", "--init_classifier", "x", "--loss.spread", "even"], "loss.spread", "code, paper"),
+    (["--method", "reslt", "--loss.groups", "thirds"], "loss.groups", "rank, log_count"),
+    (["--method", "ncm", "--init_classifier", "x", "--decoupled.ncm_metric", "l1"], "decoupled.ncm_metric",
+     "l2, cosine"),
+])
+def test_fixed_choices_are_checked_on_the_command_line(argv, key, allowed):
+    bad, command = argv[-1], "stage2" if "--init_classifier" in argv else "finetune"
+    with pytest.raises(c.ConfigError, match=rf"^command line: --{key}: expected one of {allowed}, got '{bad}'$"):
+        c.parse_args(command, ["--data", "tiny", *argv])
+
+
+def test_fixed_choices_are_checked_in_files(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("loss: {name: ldam}\noptim: {schedule: linear}\n")
+    with pytest.raises(c.ConfigError, match=rf"^{recipe}: key 'optim.schedule': expected one of cosine, step, "
+                                            "got 'linear'$"):
+        c.parse_args("finetune", ["--data", "tiny", "--method", str(recipe)])
+    recipe.write_text("loss: {name: ldam, drw_mean: mean}\n")
+    with pytest.raises(c.ConfigError, match=rf"^{recipe}: key 'loss.drw_mean': expected one of weighted, plain"):
+        c.parse_args("finetune", ["--data", "tiny", "--config", str(recipe)])
+    assert c.parse_args("finetune", ["--data", "tiny", "--optim.schedule", "step"]).optim.schedule == "step"
+
+
+def test_help_shows_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        c.parse_args("finetune", ["--help"])
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["--precision", "{auto|bf16|fp16|fp32}"] for line in out.splitlines())
+    assert "drw_mean=weighted {weighted|plain}" in out and "ncm_metric" not in out
+    with pytest.raises(SystemExit):
+        c.parse_args("stage2", ["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: livt stage2 ") and "ncm_metric=l2 {l2|cosine}" in out
+    assert "crt" in out.split("methods (--method")[1].splitlines()[0] and "--init_classifier" in out
+
+
+def test_choice_sets_match_the_code_that_branches_on_them():
+    from livt import tracking
+
+    assert c.choices(c.Tracker) == tuple(tracking.TRACKERS)
+    assert c.choices(c.Precision) == ("auto", "bf16", "fp16", "fp32") and c.choices(int) == ()

@@ -308,6 +308,8 @@ def item_types(tp, n: int) -> tuple:
 
 
 def has_type(value, tp) -> bool:
+    if typing.get_origin(tp) is typing.Literal:
+        return value in typing.get_args(tp)
     if typing.get_origin(tp) is tuple:
         args = item_types(tp, len(value)) if isinstance(value, tuple) else ()
         return isinstance(value, tuple) and len(value) == len(args) and all(map(has_type, value, args))
@@ -328,7 +330,7 @@ def assert_declared_types(cfg, stage: str) -> None:
         assert has_type(value, tp), (key, value, tp)
 
 
-ALL_KEYS = sorted(set(declared("pretrain")) | set(declared("finetune")))
+ALL_KEYS = sorted({k for stage in c.STAGES for k in declared(stage)})
 SECTIONS = sorted({k.split(".")[0] for k in ALL_KEYS if "." in k})
 LEAVES = sorted({k.split(".")[-1] for k in ALL_KEYS})
 key_text = st.one_of(st.sampled_from(SECTIONS + LEAVES + ALL_KEYS), st.text(max_size=8),
@@ -351,6 +353,8 @@ def render(value, tp) -> str:
 
 
 def typed_value(tp):
+    if typing.get_origin(tp) is typing.Literal:
+        return st.sampled_from(typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -398,7 +402,7 @@ def yaml_document(draw, stage):
 
 
 @FUZZ
-@given(data=st.data(), stage=st.sampled_from(["pretrain", "finetune"]))
+@given(data=st.data(), stage=st.sampled_from(list(c.STAGES)))
 def test_yaml_config_typed_or_config_error_naming_the_key(work, data, stage):
     doc = data.draw(yaml_document(stage))
     f = work / "config.yaml"
@@ -464,7 +468,7 @@ def valid_override(draw, stage):
 
 
 @FUZZ
-@given(data=st.data(), stage=st.sampled_from(["pretrain", "finetune"]),
+@given(data=st.data(), stage=st.sampled_from(list(c.STAGES)),
        preset=st.sampled_from([None, "tiny", "demo", "places_lt"]))
 def test_well_formed_command_lines_round_trip(data, stage, preset):
     overrides = data.draw(st.lists(valid_override(stage), max_size=6))
@@ -492,7 +496,7 @@ def junk_args(draw, stage):
 
 
 @FUZZ
-@given(data=st.data(), stage=st.sampled_from(["pretrain", "finetune"]))
+@given(data=st.data(), stage=st.sampled_from(list(c.STAGES)))
 def test_command_line_typed_or_config_error_naming_the_token(data, stage):
     argv = [t for group in data.draw(st.lists(junk_args(stage), max_size=6)) for t in group]
     assume(not {"-h", "--help"} & set(argv))
@@ -576,7 +580,7 @@ def test_falsy_yaml_top_level_is_not_a_mapping(work, content):
         raise AssertionError(f"{content!r} accepted as the config {flat!r}")
 
 
-@pytest.mark.parametrize("stage", ["finetune"])
+@pytest.mark.parametrize("stage", ["finetune", "stage2", "evaluate"])
 def test_defaults_have_the_declared_types(stage):
     cfg = c.from_dict(stage, {})
     again = c.from_dict(stage, yaml.safe_load(yaml.safe_dump(c.to_dict(cfg))))

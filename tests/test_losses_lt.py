@@ -419,8 +419,8 @@ def test_tiny_finetune_run_per_method(tmp_path, method, reset_accelerate):
         assert "posthoc" in (run_dir / "test_results.md").read_text()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        # the same from --eval_only; tau = 0 would leave the raw numbers
-        eval_dir = finetune.main(["--data", "tiny", *SMALL, "--eval_only", "--posthoc", "--checkpoint",
+        # the same from `livt evaluate`; tau = 0 would leave the raw numbers
+        eval_dir = evaluate.main(["--data", "tiny", *SMALL, "--posthoc", "--checkpoint",
                                   str(run_dir / "classifier.safetensors"), "--output_dir", str(tmp_path),
                                   "--run_name", "eval"])
         again = json.loads((eval_dir / "test_results.json").read_text())

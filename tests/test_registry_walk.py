@@ -37,9 +37,11 @@ def readme_names(heading: str) -> set[str]:
     return {name for cell in rows for name in re.findall(r"`([a-z0-9_]+)`", cell)}
 
 
-def recipe_args(method: str) -> list[str]:
-    keys = RECIPES[method][1]
-    return ["--data", "tiny", "--method", method] + (["--init_classifier", "x"] if keys.get("stage2") else [])
+def recipe_config(method: str):
+    """The config of a recipe on the tiny preset: `livt stage2` for a second stage, else `livt finetune`."""
+    if RECIPES[method][1].get("stage2"):
+        return c.parse_args("stage2", ["--data", "tiny", "--method", method, "--init_classifier", "x"])
+    return c.parse_args("finetune", ["--data", "tiny", "--method", method])
 
 
 def one_step(model: torch.nn.Module, criterion, make_targets=lambda images, labels: (images, labels),
@@ -63,7 +65,7 @@ def test_every_loss_is_whole(name):
     assert LOSSES[name].family in (SOFTMAX, SIGMOID)
     users = [m for m, (_, keys, _, _) in RECIPES.items() if keys.get("loss.name") == name]
     assert users, f"loss '{name}' is the loss of no recipe in configs/methods/ (loss: {{name: {name}}})"
-    cfg = c.parse_args("finetune", recipe_args(users[0]))
+    cfg = recipe_config(users[0])
     cfg.model.name, cfg.model.patch_size = ("resnet32", 8) if cfg.model.name.startswith("res") else ("vit_micro", 8)
     model = build_model(cfg, len(COUNTS))
     criterion = tuning.make_criterion(cfg.loss, COUNTS)
@@ -104,7 +106,7 @@ def test_every_second_stage_has_a_recipe_and_runs(name, one_thread, tmp_path):
     users = [m for m, (_, keys, _, _) in RECIPES.items() if keys.get("stage2") == name]
     assert users, f"second stage '{name}' is the stage2 of no recipe in configs/methods/"
     for method in users:
-        cfg = c.parse_args("finetune", recipe_args(method))
+        cfg = recipe_config(method)
         assert stages.check_request(cfg) is stages.STAGES2[name]
         assert set(cfg.decoupled.options) == set(stages.options(name))  # its options, from its signature
         assert RECIPES[method][2].get("stage1") in RECIPES, f"{method}: about.stage1 names no recipe"
@@ -124,7 +126,7 @@ def test_every_second_stage_has_a_recipe_and_runs(name, one_thread, tmp_path):
 
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_every_recipe_parses_and_has_its_readme_rows(method):
-    cfg = c.parse_args("finetune", recipe_args(method))
+    cfg = recipe_config(method)
     assert cfg.loss.name in LOSSES and (cfg.model.head in HEADS or cfg.model.head in MODULES)
     assert {"family", "paper", "summary"} <= set(RECIPES[method][2]), f"{method}: about needs family, paper, summary"
     assert method in readme_names("Methods, and comparing them"), f"README: no methods-table row for '{method}'"

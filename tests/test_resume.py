@@ -23,8 +23,10 @@ COMMON = ["--data", "tiny", "--run_name", "r", "--data.num_workers", "1", "--opt
 
 
 def launch(script, out, *extra, check=True):
+    """`python SCRIPT` (a path, or a list such as ['-m', 'livt.cli', 'stage2']) on the common arguments."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, script, *COMMON, "--output_dir", str(out), *extra], cwd=REPO,
+    program = [script] if isinstance(script, str) else list(script)
+    proc = subprocess.run([sys.executable, *program, *COMMON, "--output_dir", str(out), *extra], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=240)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")

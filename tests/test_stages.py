@@ -167,7 +167,7 @@ def test_mislas_scaled_head_two_sgd_steps_match_the_official_stage2():
     official_logits = [[0.45249498, -0.54734218, 1.44500172, -2.70609021],
                        [0.56254232, 0.05273730, -0.46927765, 0.90656644]]
     assert torch.allclose(scaled(feats)[:2], torch.tensor(official_logits), atol=1e-6)
-    cfg = c.parse_args("finetune", ["--data", "tiny", "--method", "mislas", "--init_classifier", "x",
+    cfg = c.parse_args("stage2", ["--data", "tiny", "--method", "mislas", "--init_classifier", "x",
                                     "--optim.weight_decay", "2e-4"])
     assert cfg.loss.options["shape"] == "concave" and cfg.loss.options["spread"] == "code" and cfg.optim.decay_all
     criterion = build_loss("label_aware_smoothing", counts, head=0.3, tail=0.0)  # the defaults: concave, code
@@ -194,7 +194,7 @@ def test_mislas_recipe_follows_the_official_configs_by_dataset():
                 "imagenet_lt": (0.3, 0.0, True, 0.05, 5e-4), "inat18": (0.3, 0.0, True, 0.05, 1e-4),
                 "places_lt": (0.4, 0.1, True, 0.05, 5e-4)}
     for data, expected in official.items():
-        cfg = c.parse_args("finetune", ["--data", data, "--method", "mislas", "--init_classifier", "x"])
+        cfg = c.parse_args("stage2", ["--data", data, "--method", "mislas", "--init_classifier", "x"])
         got = (cfg.loss.options["head"], cfg.loss.options["tail"], cfg.decoupled.options["shift_bn"],
                cfg.decoupled.options["head_lr_scale"], cfg.optim.weight_decay)
         assert got == expected, data
@@ -216,8 +216,8 @@ def test_lws_folded_head_is_the_scaled_head():
 
 
 def _resnet_stage(tmp_path, method):
-    cfg = c.parse_args("finetune", ["--data", "tiny", "--method", method, "--optim.epochs", "1",
-                                    "--output_dir", str(tmp_path), "--run_name", method])
+    cfg = c.parse_args("stage2", ["--data", "tiny", "--method", method, "--optim.epochs", "1",
+                                  "--output_dir", str(tmp_path), "--run_name", method])
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
     model.train()  # a few batches so the BN statistics are not their initial values
@@ -225,7 +225,7 @@ def _resnet_stage(tmp_path, method):
         model(torch.randn(8, 3, 32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     acc = engine.make_accelerator("fp32")
-    run_dir = engine.prepare_run_dir(cfg, "finetune", acc)
+    run_dir = engine.prepare_run_dir(cfg, "stage2", acc)
     train = build_dataset(cfg.data, "train")
     counts = class_counts(train.targets, train.num_classes)
     if method == "ncm":
@@ -269,10 +269,11 @@ def test_mislas_shifted_bn_changes_only_bn_running_statistics_and_the_head(tmp_p
 def test_sigkill_mid_second_stage_then_resume_equals_straight_run(tmp_path, stage1):
     # class-balanced batches: 2 optimizer steps of 2 micro-batches per epoch; killed inside step 3
     extra = ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.epochs", "2"]
-    launch("finetune_bft.py", tmp_path / "a", *extra)
-    killed = launch("finetune_bft.py", tmp_path / "b", *extra, "--debug_kill_at_step", "3", check=False)
+    stage2 = ["-m", "livt.cli", "stage2"]
+    launch(stage2, tmp_path / "a", *extra)
+    killed = launch(stage2, tmp_path / "b", *extra, "--debug_kill_at_step", "3", check=False)
     assert killed.returncode == -signal.SIGKILL
-    launch("finetune_bft.py", tmp_path / "b", *extra, "--resume", "auto")
+    launch(stage2, tmp_path / "b", *extra, "--resume", "auto")
     for name in ("classifier.safetensors", "classifier_last.safetensors"):
         assert_same_tensors(tmp_path / "a" / "r" / name, tmp_path / "b" / "r" / name)
     a, b = metrics(tmp_path / "a" / "r"), metrics(tmp_path / "b" / "r")
@@ -287,7 +288,7 @@ def test_each_second_stage_end_to_end_after_its_stage1(tmp_path, stage1, monkeyp
     features = stages.features
     monkeypatch.setattr(stages, "features",
                         lambda acc, model, cfg, ds: seen.append(ds.name) or features(acc, model, cfg, ds))
-    run_dir = finetune.main(["--data", "tiny", "--method", method, "--init_classifier", str(first),
+    run_dir = stages.main(["--data", "tiny", "--method", method, "--init_classifier", str(first),
                              "--optim.epochs", "1", "--output_dir", str(tmp_path), "--run_name", method])
     results = json.loads((run_dir / "test_results.json").read_text())
     assert {"selection", "budget", "provenance"} <= results.keys() and results["method"] == method
@@ -314,20 +315,27 @@ def test_each_second_stage_end_to_end_after_its_stage1(tmp_path, stage1, monkeyp
 def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
     base = ["--data", "tiny", "--output_dir", str(tmp_path)]
     with pytest.raises(c.ConfigError, match="--init_classifier"):
-        finetune.main(base + ["--method", "crt"])
+        stages.main(base + ["--method", "crt"])
+    with pytest.raises(c.ConfigError, match=r"--method crt: .*crt\.yaml is a second stage .*run it with `livt stage2"):
+        finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce"))])
+    with pytest.raises(c.ConfigError, match="--method ce: .* sets no stage2.*`livt finetune --method ce`"):
+        stages.main(base + ["--method", "ce", "--init_classifier", str(stage1("ce"))])
+    with pytest.raises(c.ConfigError, match="livt stage2: name the second stage"):
+        stages.main(base + ["--init_classifier", str(stage1("ce"))])
+    assert not any(tmp_path.iterdir())  # each refused before a run directory exists
     with pytest.raises(c.ConfigError, match="no second stage 'cRT'"):
-        finetune.main(base + ["--stage2", "cRT", "--init_classifier", str(stage1("ce"))])
+        stages.main(base + ["--stage2", "cRT", "--init_classifier", str(stage1("ce"))])
     with pytest.raises(c.ConfigError, match="--data.val_from_train"):
-        finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")),
-                              "--data.val_from_train", "0.2"])
+        stages.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")),
+                            "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
-        finetune.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
+        stages.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
     with pytest.raises(c.ConfigError, match=r"'decoupled\.shift_bn'.*stage2 'ncm' takes the options: ncm_metric"):
-        finetune.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")),
-                              "--decoupled.shift_bn", "true"])
+        stages.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")),
+                            "--decoupled.shift_bn", "true"])
     with pytest.raises(c.ConfigError, match=r"'decoupled\.head_lr_scale'.*'lws' takes the options: shift_bn"):
-        finetune.main(base + ["--method", "lws", "--init_classifier", str(stage1("ce")),
-                              "--decoupled.head_lr_scale", "0.5"])
+        stages.main(base + ["--method", "lws", "--init_classifier", str(stage1("ce")),
+                            "--decoupled.head_lr_scale", "0.5"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +422,7 @@ def test_kd_term_is_zero_on_tail_classes_and_follows_the_gbl_schedule():
 
 def test_afg_end_to_end_leaves_the_backbone_bitwise_unchanged(tmp_path, stage1):
     first = stage1("ce")  # the recipe's stage 1 is `gbl` (another branch); any classifier file works
-    run_dir = finetune.main(["--data", "tiny", "--method", "glag", "--init_classifier", str(first),
+    run_dir = stages.main(["--data", "tiny", "--method", "glag", "--init_classifier", str(first),
                              "--optim.epochs", "3", "--decoupled.head_min_count", "20", "--output_dir", str(tmp_path),
                              "--run_name", "glag"])
     results = json.loads((run_dir / "test_results.json").read_text())

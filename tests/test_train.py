@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from livt import finetune, pretrain
+from livt import evaluate, finetune, pretrain
 from livt.checkpoint import load_file_with_meta
 from livt.engine import RunDirError
 
@@ -61,7 +61,7 @@ def test_pretrain_outputs(pretrained):
     assert len(list((pretrained / "state").glob("step_*"))) == 2  # keep_last
 
 
-def test_finetune_from_pretraining_and_eval_only(pretrained, tmp_path):
+def test_finetune_from_pretraining_and_evaluate(pretrained, tmp_path):
     run_dir = run_finetune(tmp_path, "--pretrained", str(pretrained / "encoder.safetensors"))
     results = json.loads((run_dir / "test_results.json").read_text())
     assert results["n"] == 5 * 20 and 0 <= results["top1"] <= 100
@@ -71,8 +71,8 @@ def test_finetune_from_pretraining_and_eval_only(pretrained, tmp_path):
         assert (run_dir / name).is_file()
     assert len(list(run_dir.glob("*.png"))) == 2
     AcceleratorState._reset_state(reset_partial_state=True)
-    again = finetune.main(["--data", "tiny", "--output_dir", str(tmp_path), "--run_name", "eval",
-                           "--eval_only", "--checkpoint", str(run_dir / "classifier.safetensors"),
+    again = evaluate.main(["--data", "tiny", "--output_dir", str(tmp_path), "--run_name", "eval",
+                           "--checkpoint", str(run_dir / "classifier.safetensors"),
                            "--test_prior_imbalance", "10"])
     assert json.loads((again / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
     shifted = json.loads((again / "test_prior_results.json").read_text())

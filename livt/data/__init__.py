@@ -12,13 +12,14 @@ of the remaining training images.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from livt.config import ConfigError, DataConfig, update
+from livt.config import DataConfig, Normalize, update
 from livt.data.cifar import build_cifar, build_npz
 from livt.data.errors import DataError
 from livt.data.folder import build_folder
@@ -39,7 +40,7 @@ from livt.data.splits import (
 from livt.data.synthetic import SyntheticLT
 
 SPLITS = ("train", "val", "test")
-NORMALIZE = ("given", "from_train")
+NORMALIZE = typing.get_args(Normalize)
 
 BUILDERS: dict[str, Callable[[DataConfig, str], LTDataset]] = {
     "synthetic": SyntheticLT,
@@ -134,8 +135,6 @@ def resolve_normalization(cfg: Any) -> None:
     images' statistics (written to the run's config.yaml). They do not name the run (`config.data_derived`):
     `livt compare` finds the run directory from the config as given, before any data is read."""
     d = cfg.data
-    if d.normalize not in NORMALIZE:
-        raise ConfigError(f"--data.normalize: expected one of {', '.join(NORMALIZE)}, got '{d.normalize}'")
     if d.normalize == "from_train":
         mean, std = channel_stats(build_dataset(d, "train"))
         update(cfg, {"data.mean": mean, "data.std": std}, "data.normalize from_train")

@@ -24,7 +24,6 @@ from livt.config import AugConfig, ConfigError
 from livt.data.errors import DataError
 from livt.data.splits import ArrayDataset, LTDataset, SubsetDataset
 
-CROPS = ("rrc", "pad")
 RRC_TRIES = 10
 STREAM = 0x5EED_DE71CE  # keeps these draws apart from any other hash of (seed, epoch, index)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
@@ -121,8 +120,6 @@ class OnDevice:
     def __init__(self, dataset: LTDataset, img_size: int, mean: Sequence[float], std: Sequence[float],
                  seed: int, device: torch.device | str, crop: str = "rrc",
                  scale: Sequence[float] = (0.08, 1.0), pad: int = 4) -> None:
-        if crop not in CROPS:
-            raise ConfigError(f"aug.crop: expected one of {', '.join(CROPS)}, got '{crop}'")
         array = _array(dataset)
         self.images = torch.from_numpy(np.ascontiguousarray(array)).to(device).permute(0, 3, 1, 2)  # (N, 3, H, W)
         self.targets = torch.as_tensor(dataset.targets, dtype=torch.int64)

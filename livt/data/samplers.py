@@ -12,12 +12,15 @@ any number of processes that keeps W*B fixed.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive")
+from livt.config import Sampler
+
+SAMPLERS = typing.get_args(Sampler)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

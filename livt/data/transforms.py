@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,10 +22,10 @@ from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolatio
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from livt.config import AugConfig, ConfigError
+from livt.config import AugConfig, ConfigError, Crop, Pipeline
 from livt.data.splits import EncodedImage, decode_rgb
 
-CROPS = ("rrc", "pad")
+CROPS = typing.get_args(Crop)
 PRETRAIN_SCALE = (0.2, 1.0)  # MGP's RandomResizedCrop area range (the MAE recipe)
 
 
@@ -128,7 +129,7 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 # ---------------------------------------------------------------------------------------------
 # The fast pipeline
 
-PIPELINES = ("pil", "fast", "draft")
+PIPELINES = typing.get_args(Pipeline)
 DCT_SCALES = (8, 4, 2)  # the reduced JPEG scales libjpeg decodes at (1/8, 1/4, 1/2), largest first
 
 

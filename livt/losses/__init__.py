@@ -136,10 +136,12 @@ def _params(fn: Callable[..., object]) -> list[str]:
 
 def options(name: str) -> dict[str, tuple[type, object]]:
     """{option: (type, default)} of a registered loss that a config may set (`--loss.<option>`): its
-    parameters with a default other than None, typed by the default (tuples by the annotation)."""
+    parameters with a default other than None, typed by the default (tuples and Literal choices by the
+    annotation)."""
     fn = LOSSES[name].fn
     hints = typing.get_type_hints(fn)
-    return {p.name: (hints[p.name] if isinstance(p.default, tuple) else type(p.default), p.default)
+    return {p.name: (hints[p.name] if isinstance(p.default, tuple) or typing.get_origin(hints.get(p.name))
+                     is typing.Literal else type(p.default), p.default)
             for p in inspect.signature(fn).parameters.values()
             if p.default is not inspect.Parameter.empty and p.default is not None}
 

@@ -4,6 +4,7 @@ Each adjusts the logits during training only; prediction uses the raw logits z."
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +12,11 @@ from torch import Tensor
 
 from livt.losses.core import Counts, check, float32, prior64, probs, soft_ce
 
-BIAS_VARIANTS = ("eq10", "eq6")
+BiasVariant = Literal["eq10", "eq6"]
+BIAS_VARIANTS = get_args(BiasVariant)
 
 
-def bal_bce_bias(class_counts: Counts, variant: str = "eq10", test_prior: Counts | None = None) -> Tensor:
+def bal_bce_bias(class_counts: Counts, variant: BiasVariant = "eq10", test_prior: Counts | None = None) -> Tensor:
     """Bal-BCE logit bias B (C,) float32, added to the logits during training only.
 
     - 'eq10' (default, balanced test set): B_c = log pi_c - log(1 - pi_c) + log(C - 1).
@@ -54,7 +56,7 @@ def _bal_ce_tables(class_counts: Counts, tau: float = 1.0) -> dict[str, Tensor]:
     return {"offset": (tau * torch.log(prior64(class_counts))).float()}
 
 
-def _bal_bce_tables(class_counts: Counts, tau: float = 1.0, variant: str = "eq10",
+def _bal_bce_tables(class_counts: Counts, tau: float = 1.0, variant: BiasVariant = "eq10",
                     test_prior: Counts | None = None) -> dict[str, Tensor]:
     return {"offset": tau * bal_bce_bias(class_counts, variant, test_prior)}  # tau scales the whole bias
 
@@ -107,7 +109,7 @@ def bal_ce(logits: Tensor, targets: Tensor, class_counts: Counts, tau: float = 1
 
 
 def bal_bce(logits: Tensor, targets: Tensor, class_counts: Counts, tau: float = 1.0,
-            variant: str = "eq10", test_prior: Counts | None = None) -> Tensor:
+            variant: BiasVariant = "eq10", test_prior: Counts | None = None) -> Tensor:
     """Bal-BCE: BCE on z + tau * B with B from `bal_bce_bias` (Algorithm 1). Predict with the raw logits z."""
     return bce_kernel(logits, targets, **_bal_bce_tables(class_counts, tau, variant, test_prior))
 

@@ -4,6 +4,8 @@ LDAM's cosine head, the raw z for CDT)."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,11 +37,12 @@ def cdt_temperatures(class_counts: Counts, gamma: float = 0.2) -> Tensor:
     return (counts.max() / counts).pow(gamma).float()
 
 
-DRW_MEANS = ("weighted", "plain")
+DrwMean = Literal["weighted", "plain"]
+DRW_MEANS = get_args(DrwMean)
 
 
 def _ldam_tables(class_counts: Counts, s: float = 30.0, max_margin: float = 0.5, drw_start: float = 0.8,
-                 drw_beta: float = 0.9999, drw_mean: str = "weighted") -> dict[str, Tensor]:
+                 drw_beta: float = 0.9999, drw_mean: DrwMean = "weighted") -> dict[str, Tensor]:
     check("s", s, s > 0, "> 0")
     if drw_mean not in DRW_MEANS:
         raise ValueError(f"unknown ldam drw_mean '{drw_mean}'; choose one of {', '.join(DRW_MEANS)}")
@@ -53,7 +56,7 @@ def _cdt_tables(class_counts: Counts, gamma: float = 0.2) -> dict[str, Tensor]:
 
 @float32
 def _ldam_kernel(cosine: Tensor, targets: Tensor, progress: float, margins: Tensor, drw_weight: Tensor,
-                 s: float, drw_start: float, drw_mean: str) -> Tensor:
+                 s: float, drw_start: float, drw_mean: DrwMean) -> Tensor:
     logits = s * cosine  # (B, C)
     if targets.is_floating_point():
         # loss were the label c: CE of s (cos - m_c e_c) at c = log(sum_{k != c} e^{z_k} + e^{z_c - s m_c})
@@ -78,7 +81,7 @@ def _cdt_kernel(logits: Tensor, targets: Tensor, inv_temperature: Tensor) -> Ten
 
 def ldam(cosine: Tensor, targets: Tensor, class_counts: Counts, progress: float, s: float = 30.0,
          max_margin: float = 0.5, drw_start: float = 0.8, drw_beta: float = 0.9999,
-         drw_mean: str = "weighted") -> Tensor:
+         drw_mean: DrwMean = "weighted") -> Tensor:
     """LDAM-DRW (Cao et al., NeurIPS 2019) on the cosine head's `cosine` output: CE(s (cos - m_y e_y), y)
     with margins from `ldam_margins`; from `drw_start` of training on (deferred re-weighting) each sample
     is weighted by the class-balanced w_y (beta `drw_beta`), before it the plain batch mean; drw_start >= 1

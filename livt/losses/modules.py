@@ -7,6 +7,7 @@ model outputs named `branch_logits` / `expert_logits`; with a default, options),
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,12 @@ def _targets(targets: Tensor, dtype: torch.dtype) -> Tensor:
     return targets.to(dtype) if targets.is_floating_point() else targets.long()
 
 
-RESLT_GROUPS = ("rank", "log_count")
+ResltGroups = Literal["rank", "log_count"]
+RESLT_GROUPS = get_args(ResltGroups)
 
 
-def reslt_groups(class_counts: Counts, groups: str = "rank", split: tuple[float, float] = (0.35, 0.35)) -> Tensor:
+def reslt_groups(class_counts: Counts, groups: ResltGroups = "rank",
+                 split: tuple[float, float] = (0.35, 0.35)) -> Tensor:
     """Group of each class (C,) int64: 0 head, 1 medium, 2 tail. Branch k learns the classes of group >= k:
     all, medium + tail, tail (ResLT Sec. 3.1-3.2).
 
@@ -69,7 +72,7 @@ def reslt_groups(class_counts: Counts, groups: str = "rank", split: tuple[float,
     return third.long()
 
 
-def _reslt_tables(class_counts: Counts, alpha: float = 0.995, groups: str = "rank",
+def _reslt_tables(class_counts: Counts, alpha: float = 0.995, groups: ResltGroups = "rank",
                   split: tuple[float, float] = (0.35, 0.35)) -> dict[str, Tensor]:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"reslt alpha must lie in [0, 1], got {alpha}")
@@ -97,7 +100,7 @@ def _reslt_kernel(logits: Tensor, branch_logits: Tensor, targets: Tensor, group:
 
 
 def reslt(logits: Tensor, branch_logits: Tensor, targets: Tensor, class_counts: Counts,
-          alpha: float = 0.995, groups: str = "rank", split: tuple[float, float] = (0.35, 0.35)) -> Tensor:
+          alpha: float = 0.995, groups: ResltGroups = "rank", split: tuple[float, float] = (0.35, 0.35)) -> Tensor:
     """ResLT (official code, jiequancui/ResLT): (1 - alpha) CE(fused logits) + alpha * the branch loss,
     sum_k sum_{i in S_k} CE(branch k's logits over all classes)_i / sum_k |S_k|, S_k the batch's samples
     whose class is in branch k's group (`reslt_groups`): ONE mean over the pooled (branch, sample) pairs,

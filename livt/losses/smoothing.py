@@ -10,6 +10,7 @@ c), so add no other smoothing (loss.label_smoothing 0).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,12 @@ from torch import Tensor
 
 from livt.losses.core import Counts, float32, prior64
 
-LAS_SHAPES = ("concave", "linear", "convex")
-LAS_SPREADS = ("code", "paper")
+LasShape = Literal["concave", "linear", "convex"]
+LasSpread = Literal["code", "paper"]
+LAS_SHAPES, LAS_SPREADS = get_args(LasShape), get_args(LasSpread)
 
 
-def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave") -> Tensor:
+def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: LasShape = "concave") -> Tensor:
     """Per-class smoothing eps_y = f(n_y), (C,) float32: in between `tail` and `head` by
     x = (n_y - n_min) / (n_max - n_min): linear tail + (head - tail) x, concave tail + (head - tail)
     sin(pi x / 2), convex head - (head - tail) cos(pi x / 2). Equal counts give every class `head`."""
@@ -37,8 +39,8 @@ def las_epsilons(class_counts: Counts, head: float = 0.3, tail: float = 0.0, sha
     return (tail + (head - tail) * f).float()
 
 
-def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave",
-                   spread: str = "code") -> Tensor:
+def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: LasShape = "concave",
+                   spread: LasSpread = "code") -> Tensor:
     """(C,) float32: the target mass put on each other class for a sample of class y, eps_y / (K - 1)
     ('paper') or eps_y / K ('code'); the true class gets the rest, 1 - (K - 1) * that."""
     if spread not in LAS_SPREADS:
@@ -47,8 +49,8 @@ def las_off_target(class_counts: Counts, head: float = 0.3, tail: float = 0.0, s
     return eps / (len(eps) - 1) if spread == "paper" else eps / len(eps)
 
 
-def _las_tables(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave",
-                spread: str = "code") -> dict[str, Tensor]:
+def _las_tables(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: LasShape = "concave",
+                spread: LasSpread = "code") -> dict[str, Tensor]:
     return {"off_target": las_off_target(class_counts, head, tail, shape, spread)}
 
 
@@ -62,6 +64,6 @@ def _las_kernel(logits: Tensor, targets: Tensor, off_target: Tensor) -> Tensor:
 
 
 def label_aware_smoothing(logits: Tensor, targets: Tensor, class_counts: Counts, head: float = 0.3,
-                          tail: float = 0.0, shape: str = "concave", spread: str = "code") -> Tensor:
+                          tail: float = 0.0, shape: LasShape = "concave", spread: LasSpread = "code") -> Tensor:
     """MiSLAS label-aware smoothing (module docstring), batch mean."""
     return _las_kernel(logits, targets, **_las_tables(class_counts, head, tail, shape, spread))
