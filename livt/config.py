@@ -687,6 +687,14 @@ def settle_options(cfg: Any) -> None:
         given = {k: _option(cfg, section, k, v, _named(cfg, section)) for k, v in sec.options.items()
                  if f"{section}.{k}" in sources}
         sec.options = {k: given.get(k, default) for k, (_, default) in table.items()}
+    if "loss" in open_sections(cfg) and cfg.loss.test_prior_file:
+        from livt import losses
+
+        if "test_prior" not in losses.signature(losses.LOSSES[cfg.loss.name].fn)[1]:
+            takes = [n for n, entry in losses.LOSSES.items() if "test_prior" in losses.signature(entry.fn)[1]]
+            raise ConfigError(f"{sources.get('loss.test_prior_file', 'loss.test_prior_file')}: loss "
+                              f"'{cfg.loss.name}' takes no test prior in training (only {', '.join(takes)}); to "
+                              f"evaluate under shifted test priors use --test_prior_imbalance")
 
 
 def sources_of(cfg: Any) -> dict[str, str]:

@@ -182,3 +182,13 @@ def test_choice_sets_match_the_code_that_branches_on_them():
 
     assert c.choices(c.Tracker) == tuple(tracking.TRACKERS)
     assert c.choices(c.Precision) == ("auto", "bf16", "fp16", "fp32") and c.choices(int) == ()
+
+
+def test_test_prior_file_with_a_loss_that_takes_none_is_refused(tmp_path):
+    prior = tmp_path / "prior.txt"
+    prior.write_text("0 5\n1 1\n")
+    with pytest.raises(c.ConfigError, match=r"--loss\.test_prior_file: loss 'ce' takes no test prior.*only bal_bce"):
+        c.parse_args("finetune", ["--data", "tiny", "--from_scratch", "--loss.name", "ce",
+                                  "--loss.test_prior_file", str(prior)])
+    cfg = c.parse_args("finetune", ["--data", "tiny", "--from_scratch", "--loss.test_prior_file", str(prior)])
+    assert cfg.loss.name == "bal_bce" and cfg.loss.test_prior_file == str(prior)

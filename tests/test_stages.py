@@ -440,7 +440,7 @@ def test_afg_resumed_from_an_epoch_state_equals_the_straight_run(tmp_path, stage
 
     args = ["--data", "tiny", "--method", "glag", "--init_classifier", str(stage1("ce")), "--optim.epochs", "3",
             "--decoupled.head_min_count", "20", "--output_dir", str(tmp_path), "--run_name", "glag"]
-    run_dir = finetune.main(args)
+    run_dir = stages.main(args)
     straight = tmp_path / "straight.safetensors"
     shutil.copy(run_dir / "classifier.safetensors", straight)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -453,7 +453,7 @@ def test_afg_resumed_from_an_epoch_state_equals_the_straight_run(tmp_path, stage
     GradientState._reset_state()
     epochs, generate = [], afg.generate
     monkeypatch.setattr(afg, "generate", lambda *a: epochs.append(1) or generate(*a))
-    finetune.main([*args, "--resume", "auto"])
+    stages.main([*args, "--resume", "auto"])
     assert len(epochs) == 1  # only the third epoch ran again
     assert_same_tensors(run_dir / "classifier.safetensors", straight)
     again = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
