@@ -1,32 +1,10 @@
-"""GLAG's stage 2, the Adaptive Feature Generator (Zhang et al., GLAG, Sec. 4.2, Eq. 5-11): the second stage
-`afg` of `livt.stages.STAGES2`, a classifier trained on features of the frozen stage-1 backbone.
+"""GLAG's stage 2, the Adaptive Feature Generator (Zhang et al., GLAG, Sec. 4.2, Eq. 5-11): the second stage `afg`
+of `livt.stages.STAGES2`. The stage-1 head is re-trained on cached features of the frozen backbone plus Gaussian
+features generated for the tail classes around calibrated means and covariances, with KD to the stage-1 head on
+head classes; each tail class's confidence beta adapts to its held-out val accuracy. Where the paper gives no
+rule, the readings are listed in the README's faithfulness table. Per-class covariances cost C x D x D floats.
 
     livt stage2 --data tiny --method glag --init_classifier <gbl run>/classifier.safetensors  (seconds)
-
-1. Features: the frozen backbone's pre-logits features of the training images (evaluation transform),
-   Tukey-transformed x -> sign(x) |x|^lambda (Tukey's x^lambda for the non-negative features of a ReLU
-   network; the sign keeps it invertible for a ViT's signed LayerNorm features).
-2. Per class k: mean mu_k (Eq. 5) and unbiased covariance Sigma_k (Eq. 6; zero for a single sample).
-   Memory C x D x D floats (ImageNet-LT, ResNet-50: 1000 x 2048^2 x 4 B = 16 GB: feasible only for small D).
-3. Each epoch, for EACH sample x_i of a tail class (fewer than decoupled.head_min_count training images; a class
-   with no larger class is handled like a head class): the support set S = the decoupled.support classes with
-   more training samples whose means are nearest (d_ij = ||x_i - mu_j||), weights w_j = N_j / d_ij (Eq. 10),
-   calibrated mean (1 - beta_y) x_i + beta_y sum_j w_j mu_j / sum_j w_j (Eq. 8) and covariance
-   (1 - beta_y)^2 Sigma_y + beta_y^2 sum_j w_j Sigma_j / sum_j w_j + gamma I (Eq. 9). Each tail class gets
-   n_max - N_y generated features, spread over its samples in turn; the other classes are topped up to
-   n_max from their own N(mu_k, Sigma_k) (sampled through factors of the class covariances computed
-   once, `sample_calibrated`). Generated features are mapped back through the inverse Tukey
-   transform, so the classifier (and the saved head) works on the backbone's own features.
-4. Real and generated features are shuffled together each epoch; the head (initialised from stage 1) is
-   trained with CE + alpha(t) KD(stage-1 head -> stage-2 head), the KD term only on samples of head classes,
-   alpha(t) = s (c^t - 1) the Gradual Balanced Loss schedule (t = training progress per step in [0, 1)).
-5. The adaptive confidence beta (one per tail class, from decoupled.beta = 0.6) follows the class's accuracy on
-   the held-out val split after each epoch: up by decoupled.beta_step when it rose over the previous evaluation
-   (the first one: the stage-1 head's), down by decoupled.beta_step when it fell, unchanged when equal, kept in
-   [0, 1] (the paper gives the direction, not a rule). Val must be held out (never the reported test split).
-The reported head is the last epoch's. Randomness: one generator seeded from the run seed. The learning rate
-and progress t are `engine.Plan`'s; the loop's state is saved after every epoch, and `--resume auto` continues
-from the last one (the features are recomputed: the same, through the evaluation transform).
 """
 
 from __future__ import annotations

@@ -1,41 +1,14 @@
-"""`livt compare`: run methods x seeds on one dataset and write the comparison table.
+"""`livt compare`: run methods x seeds on one dataset and write the comparison table (README: "Methods, and
+comparing them", "Comparing on a GPU node or a cluster").
 
     livt compare --data tiny --methods ce,bal_ce,bal_bce --seeds 0          # seconds on a CPU
-    livt compare --data cifar10_lt --methods ce,bal_bce,resnet_ce,ldam_drw --seeds 0,1,2 \\
-        --pretrained mgp --jobs 2 -- --data.root ../shared/data/cifar10
-    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \\
+    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \
         --vary loss.tau=0.5,1,2 --dry-run -- --data.root ../shared/data/cifar10     # the plan, nothing run
-    livt compare --list                                                     # the methods, family, paper
 
-Each (method, seed) is one fine-tuning run in its own process (`livt finetune --data D --method M --seed S
-<shared overrides>`), in the run directory its config hash names under `--output_dir`. A run that already
-finished there is reused (marked stale when it was made by another commit; `--rerun-stale` runs it again),
-an interrupted one is resumed (`--resume auto`), a failing one (bad method name, crash, non-finite stop) is
-named in the table with its error and the others go on. Methods with a stage 1 (`about.stage1` in the
-recipe: cRT, tau-norm, ...) run it first and start from its classifier (`livt stage2 ... --init_classifier`);
-stage-1 runs are shared between methods. ViT methods start from `--pretrained` (an encoder file, or `mgp` to run the
-dataset's MGP pretraining first, once) or from scratch; CNN methods always from scratch; `METHOD@scratch`
-forces a ViT method from scratch (the random-initialisation baseline).
-
-Budget: each method runs its own recipe (as the papers compare them); `--epochs N` compresses every run's
-schedule to N fine-tuning epochs (warm-up and step milestones scale with it); the table always shows what
-each row spent (epochs, images seen, training time).
-With `--relative`, the balanced variant of the same data (`--data.balanced true`, same size) is also run
-for every method and for plain CE on the same backbone, and the table adds the survey's relative accuracy
-A_r = A_t / max(A_v, A_b).
-
-Devices: each run gets its own GPUs (`--gpus 0,1,2,3`, default all visible; `--gpus-per-run K`, K > 1 through
-`accelerate launch --num_processes K`, same effective batch: the micro-batch per process is lowered only where
-it must be) through CUDA_VISIBLE_DEVICES; on a CPU-only machine runs go on the CPU as before. `--dry-run`
-prints the plan (every run, reused / resumed / stale, its command, devices and dependencies) and runs nothing.
-`--vary loss.tau=0.5,1,2` (repeatable: every combination) makes one row per value for each method
-(`bal_bce[tau=0.5]`); a varied data.* / model.* key applies to a row's whole chain, any other key only to the
-row's own run, so stage-1 and pretraining runs stay shared.
-`--launcher slurm` submits every run as a SLURM job instead, chained with afterok (livt/cluster.py).
-
-The table is rebuilt from what the runs wrote (test_results.json, test_per_class.csv), never from memory:
-`<out>/comparison.{md,csv}`, `<out>/shot_groups.png`, `<out>/per_class.png`, `<out>/logs/<run>.log`, and
-`<out>/logs/jobs.json` (what ran where: status, devices, times, command of every run).
+Each (method, seed) is one run in its own process and its own hash-named run directory, after the runs it
+depends on (MGP, a shared stage 1); finished runs are reused, interrupted ones resumed, failing ones named in
+the table. The table is rebuilt from what the runs wrote: `<out>/comparison.{md,csv}`, `<out>/shot_groups.png`,
+`<out>/per_class.png`, `<out>/logs/<run>.log` and `<out>/logs/jobs.json`. `--launcher slurm`: livt.cluster.
 """
 
 from __future__ import annotations

@@ -992,7 +992,11 @@ def parse_args(stage: str, argv: list[str]) -> Any:
         check_method_command(stage, named["method"], path, keys)
     if unknown is not None:
         raise unknown
-    return resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
+    cfg = resolve(stage, named.get("data"), named.get("method"), named.get("config"), overrides)
+    if isinstance(cfg, TrainClassifierConfig) and cfg.model.head == "ncm":
+        raise ConfigError(f"{sources_of(cfg).get('model.head', 'model.head')}: the ncm head is not trained: it is "
+                          f"computed from features by `livt stage2 --method ncm`")
+    return cfg
 
 
 def save(cfg: Any, path: str | Path, **extra: Any) -> None:

@@ -1,40 +1,12 @@
-"""Second stages on a frozen backbone: the decoupled classifiers of Kang et al. (ICLR 2020: cRT, tau-norm,
-LWS, NCM) and MiSLAS's classifier re-training (Zhong et al., CVPR 2021).
+"""`livt stage2`: second stages on a frozen backbone, the decoupled classifiers of Kang et al. (ICLR 2020: cRT,
+tau-norm, LWS, NCM), MiSLAS's re-training (Zhong et al., CVPR 2021) and GLAG's feature generator (`livt.afg`).
 
     livt finetune --data tiny --method ce --from_scratch --run_name s1                            # stage 1
     livt stage2 --data tiny --method crt --init_classifier checkpoints/s1/classifier.safetensors  # stage 2
-    (seconds each on a CPU)
 
-A second stage starts from a fine-tuned classifier file (`--init_classifier`; any timm-style backbone:
-`forward_features`, `forward_head(x, pre_logits=True)`, `get_classifier()`, `livt.models.set_head`),
-freezes its backbone and changes only what its method names. Frozen means every parameter (no gradient)
-and every buffer: the backbone runs in eval mode, so dropout and drop path are off and BatchNorm
-statistics stay, except under shifted BN (`decoupled.shift_bn`, MiSLAS). Trained methods run the Trainer of ordinary
-fine-tuning on augmented images through the backbone (exact resume, the same `--select` rule); tau-norm
-and NCM are computed from features. Every method writes a whole classifier (backbone + new head) and the
-results files of `livt.report`, with a `stage2` entry saying what was changed.
-
-`STAGES2` (each recipe configs/methods/<name>.yaml names its stage 1 in `about.stage1`):
-    crt       a re-initialised head (the `model.head` kind), trained; class-balanced sampling (recipe)
-    lws       the stage-1 head frozen, a learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c);
-              folded into a plain linear head when saved (W <- f * W, b <- f * b)
-    mislas    the stage-1 head (weight and bias) trained further, not re-initialised, together with a
-              learned scale f_c per class (from 1): logits f_c * (w_c . x + b_c), as the official
-              train_stage2.py (its LearnableWeightScaling); the head's lr is decoupled.head_lr_scale x the
-              lr (official lr_factor), the scales' the lr; label-aware smoothing (the recipe's loss);
-              folded into a plain linear head when saved. With decoupled.shift_bn (the recipe, by dataset)
-              the BatchNorm layers are in training mode, so their running statistics are re-estimated on
-              the class-balanced batches (their affine weights stay). A ViT has no BatchNorm (LayerNorm
-              keeps no statistics): there shifted BN changes nothing, and the results say so
-    tau_norm  w_c / ||w_c||^tau with the bias dropped; tau swept over decoupled.tau_min..tau_max and
-              chosen on the held-out val split by mean per-class accuracy (top-1 on a balanced val)
-    ncm       nearest class mean of the training features (eval transform, no augmentation); by
-              decoupled.ncm_metric: l2 (official code: features centred on the training mean and
-              L2-normalised, squared Euclidean distance to each class's mean of them; an `ncm` head) or
-              cosine (to the L2-normalised mean of each class's L2-normalised features; a `cosine` head);
-              model.head_scale sets the confidence (ECE) only
-    afg       GLAG's Adaptive Feature Generator (livt.afg): the stage-1 head re-trained on cached features
-              plus calibrated Gaussian features for the tail classes, KD to the stage-1 head on head classes
+Frozen means every parameter and buffer: the backbone runs in eval mode (`Adapter(frozen=True)`), except the
+BatchNorm statistics under MiSLAS's `decoupled.shift_bn`. Trained stages run the fine-tuning Trainer on augmented
+images; the others are solved from features. Each writes a whole classifier and the results of `livt.report`.
 """
 
 from __future__ import annotations
@@ -101,6 +73,7 @@ class ClassScales(nn.Module):
 
 def new_head(model: nn.Module, cfg: config_lib.Stage2Config, *,
              shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
+    """cRT: a re-initialised head of the `model.head` kind, trained (class-balanced sampling: the recipe)."""
     head = build_head(cfg.model.head, model.num_features, model.num_classes, cfg.model.head_scale)
     set_head(model, head)
     return Adapter(model, frozen=True, shift_bn=shift_bn), head
@@ -108,6 +81,8 @@ def new_head(model: nn.Module, cfg: config_lib.Stage2Config, *,
 
 def learned_scales(model: nn.Module, cfg: config_lib.Stage2Config, *,
                    shift_bn: bool = False) -> tuple[nn.Module, nn.Module]:
+    """LWS: the stage-1 head frozen, a scale f_c per class learned from 1 (logits f_c * (w_c . x + b_c)),
+    folded into a plain linear head when saved."""
     scaled = ClassScales(model.get_classifier())
     set_head(model, scaled)
     return Adapter(model, frozen=True, shift_bn=shift_bn), scaled
@@ -115,6 +90,10 @@ def learned_scales(model: nn.Module, cfg: config_lib.Stage2Config, *,
 
 def scaled_stage1_head(model: nn.Module, cfg: config_lib.Stage2Config, *, shift_bn: bool = False,
                        head_lr_scale: float = 1.0) -> tuple[nn.Module, nn.Module]:
+    """MiSLAS: the stage-1 head trained further with learned per-class scales (the official
+    LearnableWeightScaling), the head at head_lr_scale x the lr (official lr_factor), label-aware smoothing
+    (the recipe's loss). With shift_bn the BatchNorm statistics are re-estimated on the class-balanced
+    batches (a ViT has none: nothing changes, and the results say so)."""
     if head_lr_scale <= 0:
         raise config_lib.ConfigError(f"--decoupled.head_lr_scale must be > 0, got {head_lr_scale}")
     scaled = ClassScales(model.get_classifier(), train_head=True, head_lr_scale=head_lr_scale)
@@ -177,7 +156,9 @@ def choose_tau(weight: Tensor, val_features: Tensor, val_labels: Tensor,
 
 def tau_norm(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, run_dir: Path, train, val, *,
              tau_min: float = 0.0, tau_max: float = 2.0, tau_steps: int = 21) -> engine.Fitted:
-    """tau swept over tau_steps evenly spaced values in [tau_min, tau_max] (21: steps of 0.1 over [0, 2])."""
+    """tau-norm: w_c / ||w_c||^tau with the bias dropped; tau swept over tau_steps evenly spaced values in
+    [tau_min, tau_max] (21: steps of 0.1 over [0, 2]), chosen on the held-out val split by mean per-class
+    accuracy."""
     weight = model.get_classifier().weight.detach().float().cpu()
     val_features, val_labels = features(accelerator, model, cfg, val)
     tau, rows = choose_tau(weight, val_features, val_labels, tau_grid(tau_min, tau_max, tau_steps))
@@ -219,7 +200,9 @@ def ncm_head(feats: Tensor, labels: Tensor, num_classes: int, metric: NcmMetric,
 
 def ncm(accelerator, model: nn.Module, cfg: config_lib.Stage2Config, run_dir: Path, train, val, *,
         ncm_metric: NcmMetric = "l2") -> engine.Fitted:
-    """`ncm_metric`: l2 (the official code's) | cosine (the paper's wording), see `ncm_head`."""
+    """NCM: nearest class mean of the training features (eval transform). `ncm_metric`: l2 (the official code's:
+    centred, L2-normalised features, squared distance) | cosine (the paper's wording), see `ncm_head`;
+    model.head_scale sets the confidence (ECE) only."""
     feats, labels = features(accelerator, model, cfg, train)
     head = ncm_head(feats, labels, model.num_classes, ncm_metric, cfg.model.head_scale)
     return engine.Fitted(head, {"rule": "none: class means of the training features"}, [],
@@ -317,7 +300,8 @@ def check_request(cfg: config_lib.Stage2Config) -> SecondStage:
 
 def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.Stage2Config, num_classes: int,
                  counts: np.ndarray) -> None:
-    """The stage-1 file must fit this stage's data: its classes, resolution, backbone and val carve."""
+    """The stage-1 file must fit this stage's data: its classes, resolution, backbone, normalisation and val
+    carve."""
     path, d, arch = cfg.init_classifier, cfg.data, meta.get("arch", {})
     if model.num_classes != num_classes:
         raise config_lib.ConfigError(f"--init_classifier {path}: {model.num_classes} classes, the data {num_classes}")
@@ -327,6 +311,14 @@ def check_stage1(model: nn.Module, meta: dict, cfg: config_lib.Stage2Config, num
             raise config_lib.ConfigError(f"--init_classifier {path} has {key.split('.')[1]} {theirs}, this stage "
                                          f"--{key} {mine}; give the stage-1 value")
     check_pretrained_matches(meta, d.dataset, counts, path, d.val_from_train)
+    stage1_data = meta.get("config", {}).get("data", {})
+    for key in ("mean", "std"):  # the frozen backbone must see the images normalised as in stage 1
+        theirs = stage1_data.get(key)
+        if theirs is not None and not np.allclose(theirs, getattr(d, key), rtol=0, atol=1e-6):
+            raise config_lib.ConfigError(
+                f"--init_classifier {path} was trained with data.{key} {list(theirs)}, this stage has "
+                f"{list(getattr(d, key))}: its frozen backbone would see differently normalised images; run both "
+                f"stages with the same data.normalize / data.mean / data.std")
     carved = meta.get("config", {}).get("data", {}).get("val_from_train", 0.0)
     if meta.get("dataset") == d.dataset and carved != d.val_from_train:
         raise config_lib.ConfigError(

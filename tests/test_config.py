@@ -192,3 +192,11 @@ def test_test_prior_file_with_a_loss_that_takes_none_is_refused(tmp_path):
                                   "--loss.test_prior_file", str(prior)])
     cfg = c.parse_args("finetune", ["--data", "tiny", "--from_scratch", "--loss.test_prior_file", str(prior)])
     assert cfg.loss.name == "bal_bce" and cfg.loss.test_prior_file == str(prior)
+
+
+@pytest.mark.parametrize("command", ["finetune", "stage2"])
+def test_the_ncm_head_is_refused_for_training(command):
+    start = ["--from_scratch"] if command == "finetune" else ["--method", "crt", "--init_classifier", "s1.safetensors"]
+    with pytest.raises(c.ConfigError, match=r"--model\.head: the ncm head is not trained.*livt stage2 --method ncm"):
+        c.parse_args(command, ["--data", "tiny", *start, "--model.head", "ncm"])
+    assert c.parse_args(command, ["--data", "tiny", *start, "--model.head", "cosine"]).model.head == "cosine"

@@ -330,6 +330,8 @@ def test_second_stage_bad_requests_name_the_key(tmp_path, stage1):
                             "--data.val_from_train", "0.2"])
     with pytest.raises(c.ConfigError, match="layer_decay"):
         stages.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--optim.layer_decay", "0.75"])
+    with pytest.raises(c.ConfigError, match=r"trained with data\.mean \[.*differently normalised"):
+        stages.main(base + ["--method", "crt", "--init_classifier", str(stage1("ce")), "--data.mean", "0.5,0.5,0.5"])
     with pytest.raises(c.ConfigError, match=r"'decoupled\.shift_bn'.*stage2 'ncm' takes the options: ncm_metric"):
         stages.main(base + ["--method", "ncm", "--init_classifier", str(stage1("ce")),
                             "--decoupled.shift_bn", "true"])

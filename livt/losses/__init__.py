@@ -1,36 +1,17 @@
 """Classification losses for Balanced Fine-Tuning and the long-tailed baselines, one `LOSSES` dict.
 
-Every loss is a pure function whose signature says what it needs: parameters WITHOUT a default are
-inputs (`targets`, `class_counts`, `progress` = training progress in [0, 1), or any entry of the
-model-output dict such as `logits`, `features`, `cosine`), parameters WITH a default are options.
-`build_loss` turns one into the `Criterion` the training loop calls as
-`criterion(outputs, targets, progress)`. A new loss is one function and one `Loss` record in `LOSSES`
-(with its family for post-hoc adjustment, and its per-class tables if it has any), plus a method recipe:
-its options are `--loss.<option>` as they stand, checked against its signature (livt.config), and nothing
-in the loop changes. Modules: `balanced` (logit adjustment: bal_ce, bal_bce, gbl, lade), `reweighted`
-(focal, cb_ce, cb_focal, cb_bce, weighted_ce, ib, seql), `margin` (ldam, cdt).
+A loss is a pure function whose parameters WITHOUT a default are inputs (`targets`, `class_counts`, `progress`
+in [0, 1), or an entry of the model-output dict: `logits`, `features`, `cosine`) and WITH a default are its
+options (`--loss.<option>`, checked against the signature by livt.config). A new loss is one function and one
+`Loss` record (its family for post-hoc adjustment, its per-class tables if any) plus a method recipe.
+Modules: `balanced` (bal_ce, bal_bce, gbl, lade), `reweighted` (focal, cb_*, weighted_ce, ib, seql),
+`margin` (ldam, cdt), `smoothing` (label-aware), `modules` (ResLT, SADE).
 
-- Scores (`logits` or `cosine`): (B, C), any float dtype; computed in float32 (float64 stays float64)
-  outside autocast, because a Bal-BCE bias near log(999) ~ 6.9 loses ~0.03 to bf16 rounding.
-- `targets`: hard labels (B,) int64, or soft targets (B, C) float (timm's Mixup/CutMix with label
-  smoothing). Every loss accepts both, and a one-hot soft target gives the value of its hard label.
-  Losses that change with the label beyond a linear term (margins, SEQL's kept classes) take the
-  target-weighted sum of "the loss were the label c"; per-sample weights become sum_c t_c w_c.
-- `class_counts`: training images per class (C,); every class needs at least one (priors enter logs).
-- Re-weighting, one convention for every re-weighted loss (cb_ce, cb_focal, cb_bce, weighted_ce, ib):
-  per-class weights normalised to sum C (mean 1 over classes), loss = the plain batch mean
-  (1/B) sum_i w_{y_i} loss_i, as the official IB code (reduction 'none', then .mean()). The exception is
-  ldam's DRW, whose official code uses PyTorch's weighted mean sum_i w_i loss_i / sum_i w_i (every batch
-  rescaled by its own weights): its default, `drw_mean='plain'` giving the convention above.
-- Every loss is right in float32 (tests/test_losses_float32.py checks each registered loss, value and
-  gradient, against float64 on extreme inputs): no form that cancels, e.g. 1 - p for a confident p.
-- Schedules (LDAM's DRW, IB's start, GBL's alpha) are pure functions of `progress` = step / total
-  steps, so they switch at the same optimizer step in a straight and a resumed run.
-- Randomness (SEQL's Bernoulli draw) comes from the global torch RNG, reseeded by the loop every step.
-
-Logit biases, margins and temperatures are training devices only: prediction and evaluation use the
-model's logits (see `livt.metrics.posthoc_adjust` for a known test prior, `logit_adjust` for post-hoc
-adjustment).
+The contract every loss keeps (tests/test_losses*.py): scores (B, C) in any float dtype, computed in float32
+outside autocast and right in float32 against float64; `targets` hard (B,) or soft (B, C), a one-hot soft
+target giving the hard label's value; schedules are functions of `progress` (the same step in a resumed run);
+randomness from the global torch RNG the loop reseeds each step; re-weighting as the README's faithfulness
+notes say. Biases, margins and temperatures are training devices only: evaluation uses the model's logits.
 """
 
 from __future__ import annotations
