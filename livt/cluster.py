@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from livt.jobs import Comparison, Job, classify, command, current_commit, last_error, say, shown
+from livt.jobs import Comparison, Job, classify, command, current_commit, last_error, say, say_reused, shown
 
 STATE_FILE = "slurm_job.json"  # in the run directory: the SLURM job that makes it, and its log
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -223,27 +223,12 @@ def recorded(job: Job) -> dict:
         return {}
 
 
-def order(jobs: dict[str, Job]) -> list[Job]:
-    """Dependencies first."""
-    seen: dict[str, Job] = {}
-
-    def visit(key: str) -> None:
-        if key not in seen:
-            for d in jobs[key].deps:
-                visit(d)
-            seen[key] = jobs[key]
-
-    for key in jobs:
-        visit(key)
-    return list(seen.values())
-
-
 def dry_run(cmp: Comparison, args: argparse.Namespace) -> None:
     """Print every job (submit / reuse / follow), its sbatch options, dependencies and command; submit nothing."""
     classify(cmp.jobs, current_commit(), args.rerun_stale)
     say(f"plan: {len(cmp.jobs)} SLURM jobs for {len(cmp.rows)} rows; every job: sbatch "
         f"{' '.join(sbatch_options(args))}")
-    for job in order(cmp.jobs):
+    for job in cmp.jobs.values():  # dependencies first: the planner adds them before their dependents
         old = recorded(job).get("job_id", "")
         what = "reuse" if job.status == "reused" else f"follow (SLURM job {old})" if old else "submit"
         say(f"{what:8s} {Path(job.key).name} ({job.stage}){' (' + job.note + ')' if job.note else ''}")
@@ -264,9 +249,9 @@ def submit(cmp: Comparison, args: argparse.Namespace, logs: Path) -> None:
     ex = executor(args, logs / "slurm")
     classify(cmp.jobs, current_commit(), args.rerun_stale)
     ids: dict[str, str] = {}
-    for job in order(cmp.jobs):
+    for job in cmp.jobs.values():  # dependencies first (the planner's order)
         if job.status == "reused":
-            say(f"reused   {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}")
+            say_reused(job)
             continue
         if any(cmp.jobs[d].status == "failed" for d in job.deps):
             job.status, job.error = "failed", "a run it depends on failed"

@@ -46,6 +46,7 @@ from livt.jobs import (
     last_error,
     results_of,
     say,
+    say_reused,
     shown,
 )
 from livt.models.cnn import is_cnn
@@ -318,7 +319,7 @@ def run_jobs(jobs: dict[str, Job], n_parallel: int, logs: Path, rerun_stale: boo
     classify(jobs, current_commit(), rerun_stale)
     for job in jobs.values():
         if job.status == "reused":
-            say(f"reused   {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}")
+            say_reused(job)
     total = sum(j.status == "pending" for j in jobs.values())
     finished = 0
     while True:

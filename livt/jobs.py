@@ -129,6 +129,10 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def say_reused(job: Job) -> None:
+    say(f"reused   {Path(job.key).name}{' (' + job.note + ')' if job.note else ''}")
+
+
 def last_error(log: Path | None, code: int) -> str:
     """The last line of a failed run's log that names an error (its exception), else the exit code."""
     try:
