@@ -259,8 +259,14 @@ def test_installed_wheel_finds_its_configs_outside_the_checkout(tmp_path):
 
     for name in COMMANDS:
         assert name in top.stdout
-        out = subprocess.run([str(livt), name, "--help"], cwd=away, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, (name, out.stderr[-2000:])
-    help_text = subprocess.run([str(livt), "finetune", "--help"], cwd=away, env=env, capture_output=True,
-                               text=True).stdout
+    # every command's --help through the installed entry point, in one process (each would import torch again)
+    each = ("import contextlib, io\nfrom livt import cli\nfor name in cli.COMMANDS:\n"
+            "    out, code = io.StringIO(), 0\n    with contextlib.redirect_stdout(out):\n        try:\n"
+            "            cli.main([name, '--help'])\n        except SystemExit as e:\n            code = e.code\n"
+            "    print('=== ' + name + ' ' + str(code))\n    print(out.getvalue())\n")
+    out = subprocess.run([str(py), "-c", each], cwd=away, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    codes = dict(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("=== "))
+    assert codes == {name: "0" for name in COMMANDS}, (codes, out.stderr[-2000:])
+    help_text = out.stdout.split("=== finetune 0")[1].split("=== ")[0]
     assert "imagenet_lt" in help_text and "bal_bce" in help_text  # presets and methods found in the wheel
