@@ -131,7 +131,7 @@ def check_evaluation(cfg: config_lib.ClassifierConfig) -> None:
 def end_run(cfg: config_lib.ClassifierConfig, accelerator, run_dir: Path, model: torch.nn.Module, val, test,
             counts: np.ndarray, selection: dict[str, Any], budget: dict[str, Any] | None, info: dict[str, Any] | None,
             posthoc: bool = True, trained_with: str | None = None, label: str | None = None) -> None:
-    """The end of a run (fine-tuning, every second stage, `--eval_only`): the saved, reported `model` evaluated on
+    """The end of a run (fine-tuning, every second stage, `livt evaluate`): the saved, reported `model` evaluated on
     test once (with `posthoc`, also post-hoc adjusted, tau from val), its selection, budget and `info`
     recorded, the results files written. `trained_with`: the loss the model was trained with (default this
     run's); `label`: the results table's row (default the method, test)."""
