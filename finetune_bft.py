@@ -9,7 +9,9 @@
 Writes checkpoints/<run>/classifier.safetensors and test_results.{json,md}.
 """
 
-from livt.finetune import main
+import sys
+
+from livt.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["finetune", *sys.argv[1:]])

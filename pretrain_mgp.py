@@ -7,7 +7,9 @@
 Writes checkpoints/<run>/encoder.safetensors, the input of finetune_bft.py --pretrained.
 """
 
-from livt.pretrain import main
+import sys
+
+from livt.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["pretrain", *sys.argv[1:]])

@@ -50,7 +50,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"livt: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    module.main(rest)
+    try:
+        module.main(rest)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"livt {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_user_error(e: Exception) -> bool:
+    """A bad config, data file, checkpoint or run directory, or a run stopped by non-finite steps: its message
+    says what to change, so the command prints it without a traceback. (Imported here: their modules are
+    loaded whenever one of them was raised.)"""
+    from livt.checkpoint import CheckpointError
+    from livt.config import ConfigError
+    from livt.data.errors import DataError
+    from livt.engine import NonFiniteError, RunDirError
+
+    return isinstance(e, (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError))
 
 
 if __name__ == "__main__":

@@ -262,3 +262,17 @@ def test_resume_from_a_missing_folder_names_it_and_keeps_the_run(finetuned_48, t
     new_config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert new_config["config_hash"] == old_config["config_hash"]
     assert {k for k in old_config if old_config[k] != new_config[k]} <= {"resume", "git_sha"}
+
+
+def test_the_livt_command_prints_a_bad_input_without_a_traceback(capsys, monkeypatch):
+    from livt import cli, finetune
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["finetune", "--data", "tiny", "--method", "tau_norm", "--init_classifier", "x.safetensors"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("livt finetune: ConfigError: --method tau_norm: ") and "livt stage2" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(finetune, "main", lambda argv: 1 / 0)  # a defect keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["finetune"])
