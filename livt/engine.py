@@ -214,38 +214,49 @@ def state_dirs(run_dir: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.is_dir() else []
 
 
-def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
-    """Accelerate's save_state into a temporary folder, renamed into place once complete."""
-    final = run_dir / STATE_DIR / f"step_{step:09d}"
-    tmp = run_dir / STATE_DIR / f".tmp_step_{step:09d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in state_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def state_dir(run_dir: Path, step: int, tmp: bool = False) -> Path:
+    """The training-state folder of `step` (`tmp`: the one it is written into first)."""
+    return run_dir / STATE_DIR / f"{'.tmp_' if tmp else ''}step_{step:09d}"
 
 
-def save_loop_state(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """The state of a loop outside the Trainer (`livt.afg`) as `LOOP_STATE` in a training-state folder,
-    written to a temporary folder and renamed into place once complete (main process only)."""
-    final = run_dir / STATE_DIR / f"step_{step:09d}"
-    tmp = run_dir / STATE_DIR / f".tmp_step_{step:09d}"
+def fresh_state_dir(run_dir: Path, step: int) -> Path:
+    """An empty temporary folder for the training state of `step` (`publish_state` renames it into place)."""
+    tmp = state_dir(run_dir, step, tmp=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / LOOP_STATE)
+    return tmp
+
+
+def publish_state(run_dir: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """The complete state folder `tmp` renamed into place as step `step`'s; only the last `keep_last` kept."""
+    final = state_dir(run_dir, step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in state_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
+    """Accelerate's save_state into a temporary folder, renamed into place once complete."""
+    tmp = state_dir(run_dir, step, tmp=True)
+    if accelerator.is_main_process:
+        fresh_state_dir(run_dir, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_state(run_dir, tmp, step, keep_last)
+    accelerator.wait_for_everyone()
+    return state_dir(run_dir, step)
+
+
+def save_loop_state(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """The state of a loop outside the Trainer (`livt.afg`) as `LOOP_STATE` in a training-state folder,
+    written to a temporary folder and renamed into place once complete (main process only)."""
+    tmp = fresh_state_dir(run_dir, step)
+    torch.save(state, tmp / LOOP_STATE)
+    return publish_state(run_dir, tmp, step, keep_last)
 
 
 def load_loop_state(resume: str, run_dir: Path) -> dict[str, Any] | None:

@@ -402,7 +402,7 @@ def solve_and_report(cfg: config_lib.Stage2Config, stage: SecondStage, accelerat
     _, val_split = evaluate.selection_rule(cfg, val, test) if held else ("", "none: val is the test split")
     selection = {"epoch": None, **fitted.selection, "val": val_split if stage.needs_val else "not used",
                  "select": cfg.select}
-    tuning.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
+    evaluate.end_run(cfg, accelerator, run_dir, model, val, test, counts, selection,
                    {**fitted.budget, "train_seconds": round(seconds, 1)}, info, posthoc=False)
     return run_dir
 

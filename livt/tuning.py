@@ -17,14 +17,14 @@ from livt.checkpoint import arch_of, load_file_with_meta, save_model
 from livt.data.stats import read_class_counts
 from livt.data.transforms import TargetMaker
 from livt.evaluate import end_run, evaluate_split
-from livt.losses import LOSSES, Criterion, build_loss, signature
+from livt.losses import Criterion, build_loss
 
 
 def make_criterion(cfg: config_lib.LossConfig, counts: np.ndarray) -> Criterion:
     """The training loss of `cfg.name` with its options (settled by the config against its signature); a
-    known test prior file becomes the `test_prior` option of a loss that takes one (bal_bce)."""
+    known test prior file becomes its `test_prior` option (the config refuses the file for a loss without one)."""
     options = dict(cfg.options)
-    if cfg.test_prior_file and "test_prior" in signature(LOSSES[cfg.name].fn)[1]:
+    if cfg.test_prior_file:
         prior = read_class_counts(cfg.test_prior_file)
         options["test_prior"] = torch.as_tensor(prior / prior.sum(), dtype=torch.float32)
     return build_loss(cfg.name, counts, **options)

@@ -15,19 +15,19 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BATCHNORMS)]
 
 
+def pre_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """The classifier's input (B, D)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
 def outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """The model-output dict of `images`: logits, features and the head's extras (`livt.models`)."""
     if hasattr(model, "forward_outputs"):
         return model.forward_outputs(images)
-    features = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
+    features = pre_logits(model, images)  # (B, D)
     head = model.get_classifier()
     out = head.outputs(features) if hasattr(head, "outputs") else {"logits": head(features)}
     return {"features": features, **out}
-
-
-def pre_logits(model: nn.Module, images: Tensor) -> Tensor:
-    """The classifier's input (B, D)."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
 def forward_features(model: nn.Module, images: Tensor) -> Tensor:
