@@ -2,7 +2,7 @@
 comparing them", "Comparing on a GPU node or a cluster").
 
     livt compare --data tiny --methods ce,bal_ce,bal_bce --seeds 0          # seconds on a CPU
-    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \
+    livt compare --data cifar10_lt --methods bal_bce,crt --pretrained mgp --gpus 0,1,2,3 --gpus-per-run 2 \\
         --vary loss.tau=0.5,1,2 --dry-run -- --data.root ../shared/data/cifar10     # the plan, nothing run
 
 Each (method, seed) is one run in its own process and its own hash-named run directory, after the runs it
